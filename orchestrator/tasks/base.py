@@ -1,0 +1,106 @@
+"""What every task hands the trainers: sequences, targets and where loss is given.
+
+A task is data plus a loss. The trainers never look inside a task beyond this
+module, so a new task only has to return a :class:`TaskData`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+TaskKind = Literal["regression", "classification"]
+
+
+@dataclass(frozen=True)
+class SequenceData:
+    """One split of a task.
+
+    Attributes:
+        inputs: ``(N, S, I)`` float32 network input per step.
+        targets: ``(N, S, O)`` float32 for regression, ``(N, S)`` int64 class index
+            for classification (any value where ``mask`` is False).
+        mask: ``(N, S)`` bool, True where the loss is given at that step.
+        labels: ``(N,)`` int64, the cue or class of each sequence (for reports and
+            per-cue measures).
+    """
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    mask: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        n, s = self.inputs.shape[:2]
+        if self.mask.shape != (n, s):
+            raise ValueError(
+                f"mask has shape {tuple(self.mask.shape)}, expected {(n, s)}"
+            )
+        if self.targets.shape[:2] != (n, s):
+            raise ValueError(
+                f"targets start with {tuple(self.targets.shape[:2])}, expected {(n, s)}"
+            )
+        if self.labels.shape != (n,):
+            raise ValueError(f"labels have shape {tuple(self.labels.shape)}, expected {(n,)}")
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    def subset(self, index: torch.Tensor) -> SequenceData:
+        """The sequences at ``index`` (a batch or a split)."""
+        return SequenceData(
+            self.inputs[index], self.targets[index], self.mask[index], self.labels[index]
+        )
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """A task's three splits and what its output means."""
+
+    name: str
+    kind: TaskKind
+    input_size: int
+    output_size: int
+    seq_len: int
+    train: SequenceData
+    validation: SequenceData
+    test: SequenceData
+    # Drawing tasks draw 2-D trajectories; the ataxia measures apply to them.
+    drawing: bool = False
+
+
+def sequence_loss(
+    outputs: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    kind: TaskKind,
+    normaliser: torch.Tensor | float,
+) -> torch.Tensor:
+    """Summed loss over the masked steps of ``outputs``, divided by ``normaliser``.
+
+    Dividing every window by the same normaliser (the number of masked steps in the
+    whole batch) makes the window losses of a sequence add up to its mean loss, which
+    is what makes truncated training with true future feedback equal full BPTT.
+
+    Args:
+        outputs: ``(B, T, O)`` read-out over a window.
+        targets: ``(B, T, O)`` or ``(B, T)`` matching ``kind``.
+        mask: ``(B, T)`` bool.
+        kind: regression (squared error averaged over output dimensions) or
+            classification (cross-entropy).
+        normaliser: number of masked steps in the batch.
+    """
+    if not bool(mask.any()):
+        return outputs.sum() * 0.0
+    if kind == "regression":
+        per_step = ((outputs - targets) ** 2).mean(-1)
+    else:
+        per_step = F.cross_entropy(
+            outputs.reshape(-1, outputs.shape[-1]),
+            targets.reshape(-1).clamp_min(0),
+            reduction="none",
+        ).reshape(mask.shape)
+    return (per_step * mask).sum() / normaliser
