@@ -1,0 +1,221 @@
+"""The cerebellar learning rule and the predictor interface the cortex talks to.
+
+The cortex asks a :class:`FeedbackPredictor` for predicted feedback on its activity
+and later hands it the observed feedback for the same activity, matched by an
+:class:`ActivityKey`. The cerebellum keeps the activity it predicted on in a bounded
+cache; when the observed feedback arrives, the pair becomes a regression example
+(mean squared error), the inferior olive's teaching signal. Learning is applied in
+batches by :meth:`FeedbackPredictor.update`, so a window costs one small forward
+pass of each microzone and a sequence one batched backward pass.
+
+Two implementations share this interface: :class:`LocalCerebellum` (an object in
+the same process) and the gRPC client in ``cerebellum_service.client``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from abc import ABC, abstractmethod
+from collections import OrderedDict, defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cerebellum_service.network import Microzone
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, order=True)
+class ActivityKey:
+    """Which activity a prediction or an observation belongs to."""
+
+    batch: int
+    window: int
+    chunk: int = 0
+    micro_batch: int = 0
+    run: str = ""
+
+
+@dataclass(frozen=True)
+class Query:
+    """A request for predicted feedback on ``activity`` from microzone ``zone``."""
+
+    zone: str
+    key: ActivityKey
+    activity: torch.Tensor  # (N, in_features)
+    context: torch.Tensor | None = None  # (N, context_size)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """The observed feedback for the activity of an earlier :class:`Query`."""
+
+    zone: str
+    key: ActivityKey
+    feedback: torch.Tensor  # (N, out_features)
+
+
+@dataclass
+class ZoneStats:
+    """Running counters of one microzone."""
+
+    predictions: int = 0
+    observations: int = 0
+    cache_misses: int = 0
+    updates: int = 0
+    last_loss: float = float("nan")
+    last_cosine: float = float("nan")
+    loss_history: list[float] = field(default_factory=list)
+
+
+class FeedbackPredictor(ABC):
+    """What the cortex needs from a cerebellum, local or remote."""
+
+    @abstractmethod
+    def predict(self, queries: Sequence[Query]) -> list[torch.Tensor | None]:
+        """Predicted feedback per query (unscaled), ``None`` where none is available."""
+
+    @abstractmethod
+    def observe(self, observations: Sequence[Observation]) -> None:
+        """Hand over observed feedback; it becomes the teaching signal."""
+
+    @abstractmethod
+    def update(self) -> Mapping[str, float]:
+        """Apply the learning accumulated since the last update; per-zone loss."""
+
+
+class LocalCerebellum(FeedbackPredictor):
+    """Microzones in this process, with their optimiser and activity cache.
+
+    Args:
+        zones: microzones by name (``state_0``, ``output_0`` …).
+        lr: Adam learning rate of the cerebellum.
+        cache_size: activity entries kept for observations still to come; the
+            oldest are dropped first and a later observation for one is a miss.
+
+    Thread-safe: a server may call :meth:`predict` while another thread learns.
+    """
+
+    def __init__(
+        self,
+        zones: Mapping[str, Microzone],
+        lr: float = 1e-3,
+        cache_size: int = 4096,
+    ) -> None:
+        if not zones:
+            raise ValueError("a cerebellum needs at least one microzone")
+        if cache_size < 1:
+            raise ValueError(f"cache_size must be at least 1, got {cache_size}")
+        self.zones = nn.ModuleDict(dict(zones))
+        self.optimizer = torch.optim.Adam(self.zones.parameters(), lr=lr)
+        self.cache_size = cache_size
+        self.frozen = False  # inferior-olive lesion: predictions go on, learning stops
+        self.stats: dict[str, ZoneStats] = {name: ZoneStats() for name in zones}
+        self.evictions = 0
+        self._cache: OrderedDict[tuple[str, ActivityKey], tuple] = OrderedDict()
+        self._pending: list[tuple[str, torch.Tensor, torch.Tensor | None, torch.Tensor]]
+        self._pending = []
+        self._lock = threading.Lock()
+
+    def zone(self, name: str) -> Microzone:
+        if name not in self.zones:
+            raise KeyError(f"unknown microzone {name!r}; known: {sorted(self.zones)}")
+        return self.zones[name]
+
+    def predict(self, queries: Sequence[Query]) -> list[torch.Tensor | None]:
+        predictions: list[torch.Tensor | None] = []
+        with self._lock, torch.no_grad():
+            for query in queries:
+                prediction = self.zone(query.zone)(query.activity, query.context)
+                predictions.append(prediction)
+                self._remember(query)
+                self.stats[query.zone].predictions += 1
+        return predictions
+
+    def observe(self, observations: Sequence[Observation]) -> None:
+        with self._lock:
+            for observation in observations:
+                self.zone(observation.zone)  # unknown zones raise, naming the known ones
+                stats = self.stats[observation.zone]
+                entry = self._cache.pop((observation.zone, observation.key), None)
+                if entry is None:
+                    stats.cache_misses += 1
+                    continue
+                stats.observations += 1
+                if self.frozen:
+                    continue
+                activity, context = entry
+                self._pending.append(
+                    (observation.zone, activity, context, observation.feedback.detach())
+                )
+
+    def update(self) -> dict[str, float]:
+        """One Adam step on every zone with pending observations (batched)."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        if not pending or self.frozen:
+            return {}
+
+        grouped: dict[str, list] = defaultdict(list)
+        for zone, activity, context, target in pending:
+            grouped[zone].append((activity, context, target))
+
+        losses: dict[str, float] = {}
+        with self._lock:
+            self.optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for zone, examples in grouped.items():
+                activity = torch.cat([a for a, _, _ in examples])
+                context = (
+                    torch.cat([c for _, c, _ in examples])
+                    if examples[0][1] is not None
+                    else None
+                )
+                target = torch.cat([t for _, _, t in examples])
+                prediction = self.zones[zone](activity, context)
+                loss = F.mse_loss(prediction, target)
+                total = total + loss
+                self._record(zone, prediction.detach(), target, float(loss))
+                losses[zone] = float(loss)
+            total.backward()
+            self.optimizer.step()
+        return losses
+
+    def _remember(self, query: Query) -> None:
+        activity = query.activity.detach()
+        context = None if query.context is None else query.context.detach()
+        self._cache[(query.zone, query.key)] = (activity, context)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+            self.evictions += 1
+
+    def _record(
+        self, zone: str, prediction: torch.Tensor, target: torch.Tensor, loss: float
+    ) -> None:
+        stats = self.stats[zone]
+        stats.updates += 1
+        stats.last_loss = loss
+        stats.last_cosine = float(
+            F.cosine_similarity(prediction.flatten(), target.flatten(), dim=0)
+        )
+        stats.loss_history.append(loss)
+
+    def state_dict(self) -> dict:
+        return {
+            "zones": self.zones.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "frozen": self.frozen,
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        with self._lock:
+            self.zones.load_state_dict(state["zones"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.frozen = bool(state.get("frozen", False))
+            self._cache.clear()
+            self._pending.clear()

@@ -1,0 +1,412 @@
+"""The in-process trainer: all chunks and the cerebellum in one process.
+
+Chunks run one after another inside each window and exchange activity and
+observed feedback as plain tensors (spatially locked: exact backprop across
+chunks); time is cut into windows, and at each window end the state microzones
+predict the feedback of the future. The distributed trainer runs the same
+:class:`~cortex_service.learning.ChunkLearner` and microzones in separate actors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from cerebellum_service.learning import (
+    ActivityKey,
+    FeedbackPredictor,
+    LocalCerebellum,
+    Observation,
+    Query,
+)
+from cerebellum_service.network import Microzone
+from cortex_service.learning import ChunkLearner, WindowPass
+from cortex_service.network import (
+    CorticalChunk,
+    build_chunks,
+    flatten_state,
+    unflatten_state,
+    window_bounds,
+)
+from orchestrator import measures
+from orchestrator.config import TrainConfig
+from orchestrator.tasks.base import SequenceData, TaskData, sequence_loss
+
+logger = logging.getLogger(__name__)
+
+
+def state_zone(chunk: int) -> str:
+    """Name of the microzone that predicts the future feedback of chunk's state."""
+    return f"state_{chunk}"
+
+
+def build_cerebellum(
+    config: TrainConfig, chunks: list[CorticalChunk], context_size: int
+) -> LocalCerebellum:
+    """One state microzone per chunk, seeded from the run's seed."""
+    zones = {}
+    for index, chunk in enumerate(chunks):
+        torch.manual_seed(config.seed * 1009 + 500 + index)
+        zones[state_zone(index)] = Microzone(
+            chunk.state_size,
+            chunk.state_size,
+            granule_width=config.granule_width,
+            granule_layers=config.granule_layers,
+            inputs_per_granule=config.inputs_per_granule,
+            context_size=context_size,
+            seed=config.seed * 1009 + 700 + index,
+        )
+    return LocalCerebellum(zones, lr=config.cerebellum_lr)
+
+
+@dataclass
+class BatchResult:
+    loss: float
+    windows: int
+
+
+class Trainer:
+    """Trains one cortical network (cut into chunks) on one task.
+
+    Args:
+        config: the run's configuration.
+        task: the task's data.
+    """
+
+    def __init__(self, config: TrainConfig, task: TaskData) -> None:
+        torch.set_num_threads(config.threads)
+        self.config = config
+        self.task = task
+        self.chunks = build_chunks(
+            task.input_size,
+            config.hidden_size,
+            task.output_size,
+            config.chunks,
+            config.layers_per_chunk,
+            config.dropout,
+            config.seed,
+        )
+        self.learners = [ChunkLearner(c, config.lr, config.clip) for c in self.chunks]
+        self.n_labels = int(task.train.labels.max()) + 1
+        self.context_size = self.n_labels if config.context else 0
+        self.cerebellum = (
+            build_cerebellum(config, self.chunks, self.context_size)
+            if config.uses_cerebellum
+            else None
+        )
+        # What the cortex asks for predictions; a lesion of the cerebellum sets it
+        # to None while the cerebellum object itself stays for inspection.
+        self.predictor: FeedbackPredictor | None = self.cerebellum
+        self.truncation = config.effective_truncation(task.seq_len)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.steps = 0
+        self.epoch = 0
+
+    # One batch -------------------------------------------------------------------
+
+    def context_for(self, batch: SequenceData) -> torch.Tensor | None:
+        if not self.context_size:
+            return None
+        return F.one_hot(batch.labels, self.n_labels).float()
+
+    def run_batch(
+        self,
+        batch: SequenceData,
+        predictor: FeedbackPredictor | None = None,
+        step: bool = True,
+    ) -> BatchResult:
+        """Forward and backward over every window of ``batch``; update if ``step``.
+
+        Args:
+            batch: the sequences.
+            predictor: where predicted feedback comes from (default: the trainer's
+                own, ``None`` after a cerebellar lesion).
+            step: apply updates (False leaves the summed gradients in ``.grad``,
+                which the exactness tests compare with full BPTT).
+        """
+        predictor = self.predictor if predictor is None else predictor
+        config = self.config
+        size = len(batch)
+        normaliser = batch.mask.sum().clamp_min(1)
+        context = self.context_for(batch)
+        states = [chunk.initial_state(size) for chunk in self.chunks]
+        bounds = list(window_bounds(self.task.seq_len, self.truncation))
+        total_loss = 0.0
+
+        for window, (start, stop) in enumerate(bounds):
+            passes = self._forward_window(batch.inputs[:, start:stop], states)
+            states = [tuple(s.detach() for s in p.state_end) for p in passes]
+            loss = sequence_loss(
+                passes[-1].outputs,
+                batch.targets[:, start:stop],
+                batch.mask[:, start:stop],
+                self.task.kind,
+                normaliser,
+            )
+            total_loss += float(loss.detach())
+
+            final = window == len(bounds) - 1
+            state_feedback = (
+                [None] * len(self.chunks)
+                if predictor is None or final
+                else self._predict_state_feedback(predictor, passes, window, context)
+            )
+            observations = self._backward_window(passes, loss, state_feedback, window)
+            if predictor is not None and observations:
+                predictor.observe(observations)
+            if step and config.update == "window":
+                self._apply_updates(predictor)
+
+        if step and config.update == "sequence":
+            self._apply_updates(predictor)
+        return BatchResult(total_loss, len(bounds))
+
+    def _forward_window(self, inputs: torch.Tensor, states: list) -> list[WindowPass]:
+        passes = []
+        for index, learner in enumerate(self.learners):
+            window = learner.forward(inputs, states[index], input_feedback=index > 0)
+            passes.append(window)
+            inputs = window.hidden
+        return passes
+
+    def _predict_state_feedback(
+        self,
+        predictor: FeedbackPredictor,
+        passes: list[WindowPass],
+        window: int,
+        context: torch.Tensor | None,
+    ) -> list:
+        queries = [
+            Query(
+                state_zone(index),
+                ActivityKey(self.steps, window, index),
+                flatten_state(p.state_end).detach(),
+                context,
+            )
+            for index, p in enumerate(passes)
+        ]
+        feedback = []
+        for chunk, prediction in zip(self.chunks, predictor.predict(queries)):
+            if prediction is None:
+                feedback.append(None)
+                continue
+            scaled = prediction * self.config.feedback_scale
+            feedback.append(unflatten_state(scaled, chunk.num_layers, chunk.hidden_size))
+        return feedback
+
+    def _backward_window(
+        self, passes: list[WindowPass], loss: torch.Tensor, state_feedback: list, window: int
+    ) -> list[Observation]:
+        observations = []
+        output_feedback = None
+        for index in reversed(range(len(passes))):
+            input_grad, start_feedback = self.learners[index].backward(
+                passes[index],
+                loss=loss if index == len(passes) - 1 else None,
+                output_feedback=output_feedback,
+                state_feedback=state_feedback[index],
+            )
+            output_feedback = input_grad
+            if window > 0:
+                # Observed feedback at this window's start answers the prediction
+                # made at the previous window's end.
+                key = ActivityKey(self.steps, window - 1, index)
+                observations.append(Observation(state_zone(index), key, start_feedback))
+        return observations
+
+    def _apply_updates(self, predictor: FeedbackPredictor | None) -> None:
+        for learner in self.learners:
+            learner.step()
+        if predictor is not None:
+            predictor.update()
+
+    # Epochs and evaluation -------------------------------------------------------
+
+    def apply_lesions(self, epoch: int) -> None:
+        for lesion in self.config.lesions:
+            if lesion.epoch != epoch:
+                continue
+            logger.info("epoch %d: %s lesion", epoch, lesion.kind)
+            if lesion.kind == "cerebellum":
+                self.predictor = None
+            elif lesion.kind == "olive" and self.cerebellum is not None:
+                self.cerebellum.frozen = True
+
+    def train_epoch(self) -> float:
+        """One pass over the training set in a seeded random order; mean loss."""
+        self.apply_lesions(self.epoch)
+        for chunk in self.chunks:
+            chunk.train()
+        data = self.task.train
+        order = torch.randperm(len(data), generator=self.generator)
+        losses = []
+        for start in range(0, len(data), self.config.batch_size):
+            batch = data.subset(order[start : start + self.config.batch_size])
+            losses.append(self.run_batch(batch).loss)
+            self.steps += 1
+        self.epoch += 1
+        return sum(losses) / len(losses)
+
+    @torch.no_grad()
+    def predict(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``(N, S, I)`` inputs to ``(N, S, O)`` outputs, in evaluation mode."""
+        for chunk in self.chunks:
+            chunk.eval()
+        hidden = inputs
+        for chunk in self.chunks:
+            hidden, _ = chunk(hidden, chunk.initial_state(inputs.shape[0]))
+        return self.chunks[-1].read_out(hidden)
+
+    def evaluate(self, split: SequenceData) -> dict[str, Any]:
+        """Loss and task metric (and ataxia measures for drawing tasks)."""
+        outputs = self.predict(split.inputs)
+        loss = float(
+            sequence_loss(
+                outputs, split.targets, split.mask, self.task.kind, split.mask.sum()
+            )
+        )
+        result: dict[str, Any] = {"loss": loss}
+        if self.task.kind == "classification":
+            picked = outputs[split.mask]
+            result["metric"] = measures.accuracy(picked, split.targets[split.mask])
+            result["metric_name"] = "accuracy"
+        else:
+            ataxia = measures.ataxia(outputs, split.targets)
+            result.update(ataxia)
+            result["metric"] = ataxia["dysmetria"]
+            result["metric_name"] = "dysmetria"
+        return result
+
+    def cerebellum_loss(self) -> float | None:
+        if self.cerebellum is None:
+            return None
+        losses = [s.last_loss for s in self.cerebellum.stats.values()]
+        return sum(losses) / len(losses)
+
+    def fit(
+        self,
+        out_dir: str | Path | None = None,
+        progress: bool = True,
+        on_eval: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Train for ``config.epochs`` epochs; write ``curve.jsonl``/``summary.json``.
+
+        Returns the summary record (DESIGN.md's contract).
+        """
+        from tqdm.auto import tqdm
+
+        config = self.config
+        out = Path(out_dir) if out_dir is not None else None
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            curve_file = (out / "curve.jsonl").open("w")
+        started = time.perf_counter()
+        epoch_seconds = []
+        train_loss = float("nan")
+        curve: list[dict[str, Any]] = []
+
+        bar = tqdm(
+            range(config.epochs),
+            desc=f"{config.task}/{config.model}",
+            disable=not progress,
+            unit="epoch",
+        )
+        try:
+            for epoch in bar:
+                tic = time.perf_counter()
+                train_loss = self.train_epoch()
+                epoch_seconds.append(time.perf_counter() - tic)
+                if (epoch + 1) % config.eval_every and epoch + 1 != config.epochs:
+                    continue
+                record = self._curve_record(epoch, train_loss, started)
+                curve.append(record)
+                if out is not None:
+                    curve_file.write(json.dumps(record) + "\n")
+                    curve_file.flush()
+                if on_eval is not None:
+                    on_eval(record)
+                bar.set_postfix(
+                    loss=f"{train_loss:.4f}", val=f"{record['validation_loss']:.4f}"
+                )
+        finally:
+            if out is not None:
+                curve_file.close()
+
+        summary = self._summary(train_loss, time.perf_counter() - started, epoch_seconds)
+        if out is not None:
+            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            if self.task.drawing:
+                trajectories = example_trajectories(self, self.task.validation)
+                (out / "trajectories.json").write_text(json.dumps(trajectories))
+        return summary
+
+    def _curve_record(self, epoch: int, train_loss: float, started: float) -> dict:
+        validation = self.evaluate(self.task.validation)
+        record = {
+            "step": self.steps,
+            "epoch": epoch + 1,
+            "wall_seconds": time.perf_counter() - started,
+            "train_loss": train_loss,
+            "validation_loss": validation["loss"],
+            "metric": validation["metric"],
+            "metric_name": validation["metric_name"],
+        }
+        for name in ("dysmetria", "overshoot", "tremor"):
+            if name in validation:
+                record[name] = validation[name]
+        if self.cerebellum is not None:
+            record["cerebellum_loss"] = self.cerebellum_loss()
+        return record
+
+    def _summary(self, train_loss: float, wall: float, epoch_seconds: list) -> dict:
+        config = self.config
+        validation = self.evaluate(self.task.validation)
+        test = self.evaluate(self.task.test)
+        summary = {
+            "task": config.task,
+            "model": config.model,
+            "schedule": "in-process",
+            "chunks": config.chunks,
+            "truncation": self.truncation,
+            "seq_len": self.task.seq_len,
+            "seed": config.seed,
+            "steps": self.steps,
+            "epochs": self.epoch,
+            "wall_seconds": wall,
+            "seconds_per_epoch": sum(epoch_seconds) / max(len(epoch_seconds), 1),
+            "train_loss": train_loss,
+            "validation_loss": validation["loss"],
+            "validation_metric": validation["metric"],
+            "test_loss": test["loss"],
+            "test_metric": test["metric"],
+            "metric_name": validation["metric_name"],
+            "config": config.to_dict(),
+        }
+        if self.task.drawing:
+            summary["ataxia"] = {
+                name: validation[name] for name in ("dysmetria", "overshoot", "tremor")
+            }
+        return summary
+
+
+def example_trajectories(
+    trainer: Trainer, split: SequenceData, per_label: int = 1
+) -> dict[str, dict[str, list]]:
+    """A drawn and a target trajectory for each cue or class (for reports)."""
+    outputs = trainer.predict(split.inputs)
+    result = {}
+    for label in sorted(set(split.labels.tolist())):
+        index = (split.labels == label).nonzero().flatten()[:per_label]
+        result[str(label)] = {
+            "drawn": outputs[index].tolist(),
+            "target": split.targets[index].tolist(),
+        }
+    return result
