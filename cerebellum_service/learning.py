@@ -140,7 +140,9 @@ class LocalCerebellum(FeedbackPredictor):
     def observe(self, observations: Sequence[Observation]) -> None:
         with self._lock:
             for observation in observations:
-                self.zone(observation.zone)  # unknown zones raise, naming the known ones
+                self.zone(
+                    observation.zone
+                )  # unknown zones raise, naming the known ones
                 stats = self.stats[observation.zone]
                 entry = self._cache.pop((observation.zone, observation.key), None)
                 if entry is None:
@@ -180,8 +182,9 @@ class LocalCerebellum(FeedbackPredictor):
                 prediction = self.zones[zone](activity, context)
                 loss = F.mse_loss(prediction, target)
                 total = total + loss
-                self._record(zone, prediction.detach(), target, float(loss))
-                losses[zone] = float(loss)
+                value = float(loss.detach())
+                self._record(zone, prediction.detach(), target, value)
+                losses[zone] = value
             total.backward()
             self.optimizer.step()
         return losses

@@ -46,7 +46,11 @@ class MossyFibres(nn.Linear):
             self.weight.uniform_(-bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight if self.connectivity is None else self.weight * self.connectivity
+        weight = (
+            self.weight
+            if self.connectivity is None
+            else self.weight * self.connectivity
+        )
         return nn.functional.linear(x, weight, self.bias)
 
 
@@ -83,7 +87,9 @@ class Microzone(nn.Module):
         self.out_features = out_features
         self.context_size = context_size
         layers: list[nn.Module] = [
-            MossyFibres(in_features + context_size, granule_width, inputs_per_granule, seed),
+            MossyFibres(
+                in_features + context_size, granule_width, inputs_per_granule, seed
+            ),
             nn.ReLU(),
         ]
         for _ in range(granule_layers - 1):

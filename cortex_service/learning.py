@@ -43,7 +43,9 @@ class ChunkLearner:
         clip: gradient-norm clip applied before each update (``None``: none).
     """
 
-    def __init__(self, chunk: CorticalChunk, lr: float = 1e-3, clip: float | None = 1.0):
+    def __init__(
+        self, chunk: CorticalChunk, lr: float = 1e-3, clip: float | None = 1.0
+    ):
         if clip is not None and clip <= 0:
             raise ValueError(f"clip must be positive or None, got {clip}")
         self.chunk = chunk

@@ -104,7 +104,7 @@ def unflatten_state(flat: torch.Tensor, num_layers: int, hidden_size: int) -> St
 
 
 def window_bounds(seq_len: int, truncation: int) -> Iterator[tuple[int, int]]:
-    """``(start, stop)`` of each window of ``truncation`` steps (the last may be short)."""
+    """``(start, stop)`` of each window of ``truncation`` steps (last may be short)."""
     if truncation < 1:
         raise ValueError(f"truncation must be at least 1, got {truncation}")
     for start in range(0, seq_len, truncation):

@@ -42,7 +42,7 @@ class Lesion:
 # where these depart from the paper and why.
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "line": dict(
-        hidden_size=50, granule_width=400, truncation=1, batch_size=50, epochs=60
+        hidden_size=50, granule_width=400, truncation=1, batch_size=50, epochs=200
     ),
     "digit-lines": dict(
         hidden_size=64, granule_width=512, truncation=4, batch_size=50, epochs=30
@@ -86,7 +86,7 @@ class TrainConfig:
     inputs_per_granule: int | None = None
     context: bool = False
     feedback_scale: float = 0.1
-    clip: float | None = 1.0
+    clip: float = 1.0  # gradient-norm clip; 0 turns it off
     update: str = "sequence"
     dropout: float = 0.0
     lesions: tuple[Lesion, ...] = ()
@@ -98,9 +98,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
-            raise ConfigError(f"--model {self.model!r}: choose one of {', '.join(MODELS)}")
+            raise ConfigError(
+                f"--model {self.model!r}: choose one of {', '.join(MODELS)}"
+            )
         if self.update not in UPDATES:
-            raise ConfigError(f"--update {self.update!r}: choose one of {', '.join(UPDATES)}")
+            raise ConfigError(
+                f"--update {self.update!r}: choose one of {', '.join(UPDATES)}"
+            )
         positive = {
             "--epochs": self.epochs,
             "--batch-size": self.batch_size,
@@ -126,13 +130,16 @@ class TrainConfig:
             raise ConfigError(
                 f"--feedback-scale must be non-negative, got {self.feedback_scale}"
             )
-        if self.clip is not None and self.clip <= 0:
-            raise ConfigError(f"--clip must be positive (or 0 for none), got {self.clip}")
+        if self.clip < 0:
+            raise ConfigError(
+                f"--clip must be positive (or 0 for none), got {self.clip}"
+            )
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.inputs_per_granule is not None and self.inputs_per_granule < 1:
             raise ConfigError(
-                f"--inputs-per-granule must be at least 1, got {self.inputs_per_granule}"
+                "--inputs-per-granule must be at least 1, "
+                f"got {self.inputs_per_granule}"
             )
         for lesion in self.lesions:
             if lesion.epoch >= self.epochs:

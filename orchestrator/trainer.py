@@ -94,7 +94,9 @@ class Trainer:
             config.dropout,
             config.seed,
         )
-        self.learners = [ChunkLearner(c, config.lr, config.clip) for c in self.chunks]
+        self.learners = [
+            ChunkLearner(c, config.lr, config.clip or None) for c in self.chunks
+        ]
         self.n_labels = int(task.train.labels.max()) + 1
         self.context_size = self.n_labels if config.context else 0
         self.cerebellum = (
@@ -199,11 +201,17 @@ class Trainer:
                 feedback.append(None)
                 continue
             scaled = prediction * self.config.feedback_scale
-            feedback.append(unflatten_state(scaled, chunk.num_layers, chunk.hidden_size))
+            feedback.append(
+                unflatten_state(scaled, chunk.num_layers, chunk.hidden_size)
+            )
         return feedback
 
     def _backward_window(
-        self, passes: list[WindowPass], loss: torch.Tensor, state_feedback: list, window: int
+        self,
+        passes: list[WindowPass],
+        loss: torch.Tensor,
+        state_feedback: list,
+        window: int,
     ) -> list[Observation]:
         observations = []
         output_feedback = None
@@ -340,7 +348,9 @@ class Trainer:
             if out is not None:
                 curve_file.close()
 
-        summary = self._summary(train_loss, time.perf_counter() - started, epoch_seconds)
+        summary = self._summary(
+            train_loss, time.perf_counter() - started, epoch_seconds
+        )
         if out is not None:
             (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             if self.task.drawing:

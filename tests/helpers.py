@@ -73,7 +73,11 @@ def true_future_feedback(
             inputs, states[index] = chunk(inputs, states[index])
         outputs = chunks[-1].read_out(inputs)
         total = total + sequence_loss(
-            outputs, batch.targets[:, start:stop], batch.mask[:, start:stop], kind, normaliser
+            outputs,
+            batch.targets[:, start:stop],
+            batch.mask[:, start:stop],
+            kind,
+            normaliser,
         )
     total.backward()
     for chunk in chunks:

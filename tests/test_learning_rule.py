@@ -13,7 +13,6 @@ from orchestrator.trainer import Trainer
 from tests.helpers import OracleCerebellum, random_task, true_future_feedback
 
 
-
 @pytest.fixture(autouse=True)
 def _float64():
     # Exactness is checked in double precision so that 1e-5 measures the rule,
@@ -100,7 +99,9 @@ def test_oracle_observations_are_the_true_feedback_at_window_starts():
     assert [o.key.window for o in oracle.observations] == [0, 1, 2]
     for observation in oracle.observations:
         expected = truth[(observation.key.window, observation.key.chunk)]
-        torch.testing.assert_close(observation.feedback, expected, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(
+            observation.feedback, expected, rtol=1e-9, atol=1e-12
+        )
 
 
 def manual_lstm(chunk: CorticalChunk, x: torch.Tensor) -> torch.Tensor:
@@ -127,7 +128,9 @@ def test_bptt_equals_autograd_through_hand_unrolled_lstm():
     batch = task.train
 
     outputs = manual_lstm(trainer.chunks[0], batch.inputs)
-    sequence_loss(outputs, batch.targets, batch.mask, task.kind, batch.mask.sum()).backward()
+    sequence_loss(
+        outputs, batch.targets, batch.mask, task.kind, batch.mask.sum()
+    ).backward()
     reference = grads(trainer)
     trainer.chunks[0].zero_grad(set_to_none=True)
 

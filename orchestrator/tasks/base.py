@@ -44,7 +44,9 @@ class SequenceData:
                 f"targets start with {tuple(self.targets.shape[:2])}, expected {(n, s)}"
             )
         if self.labels.shape != (n,):
-            raise ValueError(f"labels have shape {tuple(self.labels.shape)}, expected {(n,)}")
+            raise ValueError(
+                f"labels have shape {tuple(self.labels.shape)}, expected {(n,)}"
+            )
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
@@ -52,7 +54,10 @@ class SequenceData:
     def subset(self, index: torch.Tensor) -> SequenceData:
         """The sequences at ``index`` (a batch or a split)."""
         return SequenceData(
-            self.inputs[index], self.targets[index], self.mask[index], self.labels[index]
+            self.inputs[index],
+            self.targets[index],
+            self.mask[index],
+            self.labels[index],
         )
 
 

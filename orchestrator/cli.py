@@ -1,0 +1,226 @@
+"""The ``ccdni`` command: train, compare, report."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import (
+    MODELS,
+    UPDATES,
+    ConfigError,
+    Lesion,
+    TrainConfig,
+    for_task,
+)
+
+logger = logging.getLogger("ccdni")
+
+
+def _truncation(text: str) -> int | str:
+    if text == "full":
+        return "full"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--truncation {text!r}: expected a number of steps or 'full'"
+        ) from None
+    return value
+
+
+def add_training_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by every command that trains (train, compare, sweep)."""
+    from orchestrator.tasks.registry import TASKS
+
+    group = parser.add_argument_group("training")
+    group.add_argument("--task", default="line", choices=TASKS)
+    group.add_argument(
+        "--truncation", type=_truncation, help="window length T, or 'full'"
+    )
+    group.add_argument("--epochs", type=int)
+    group.add_argument("--batch-size", type=int)
+    group.add_argument(
+        "--hidden", type=int, dest="hidden_size", help="LSTM units per layer"
+    )
+    group.add_argument("--layers-per-chunk", type=int)
+    group.add_argument("--chunks", type=int, help="cut the cortex into K chunks")
+    group.add_argument("--lr", type=float, help="cortical Adam learning rate")
+    group.add_argument("--cerebellum-lr", type=float)
+    group.add_argument("--granule-width", type=int, help="granule cells per microzone")
+    group.add_argument("--granule-layers", type=int)
+    group.add_argument(
+        "--inputs-per-granule",
+        type=int,
+        help="sparse mossy fibres: inputs per granule cell",
+    )
+    group.add_argument(
+        "--context",
+        action="store_true",
+        default=None,
+        help="give microzones the target cue",
+    )
+    group.add_argument(
+        "--feedback-scale", type=float, help="scale of predicted feedback"
+    )
+    group.add_argument("--clip", type=float, help="gradient-norm clip (0: none)")
+    group.add_argument(
+        "--update", choices=UPDATES, help="update once per sequence or once per window"
+    )
+    group.add_argument("--dropout", type=float)
+    group.add_argument("--eval-every", type=int, help="evaluate every N epochs")
+    group.add_argument("--data-dir", help="MNIST IDX files (or COCO captions) to read")
+    group.add_argument(
+        "--n-train", type=int, help="cap the number of training sequences"
+    )
+    group.add_argument("--threads", type=int, help="torch threads in this process")
+    group.add_argument(
+        "--no-progress", action="store_true", help="hide the progress bar"
+    )
+
+
+def config_from_args(args: argparse.Namespace, **fixed: Any) -> TrainConfig:
+    """Task defaults, then the flags given on the command line."""
+    names = (
+        "truncation epochs batch_size hidden_size layers_per_chunk chunks lr "
+        "cerebellum_lr granule_width granule_layers inputs_per_granule context "
+        "feedback_scale clip update dropout eval_every data_dir n_train threads"
+    ).split()
+    values = {name: getattr(args, name, None) for name in names}
+    lesions = getattr(args, "lesion", None)
+    if lesions:
+        values["lesions"] = tuple(Lesion.parse(text) for text in lesions)
+    values.update(fixed)
+    return for_task(args.task, **values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ccdni",
+        description="Cortico-cerebellar decoupled training of recurrent networks.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train one model on one task")
+    add_training_options(train)
+    train.add_argument("--model", choices=MODELS, default="ccrnn")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--lesion",
+        action="append",
+        metavar="KIND@EPOCH",
+        help="cerebellum@E removes predictions from epoch E; olive@E stops cerebellar "
+        "learning from epoch E (repeatable)",
+    )
+    train.add_argument("--out", required=True, help="run directory to write")
+
+    compare = commands.add_parser("compare", help="ccRNN vs cRNN vs BPTT over seeds")
+    add_training_options(compare)
+    compare.add_argument("--models", default="ccrnn,crnn,bptt")
+    compare.add_argument("--seeds", type=int, default=5)
+    compare.add_argument("--out", required=True)
+    compare.add_argument(
+        "--plot-only", action="store_true", help="redraw from stored runs, no training"
+    )
+
+    report = commands.add_parser("report", help="plots of a run or a comparison")
+    report.add_argument("run_dir")
+
+    demo = commands.add_parser("demo", help="the README's main job")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--epochs", type=int, default=200)
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from orchestrator.tasks.registry import load_task
+    from orchestrator.trainer import Trainer
+
+    config = config_from_args(args, model=args.model, seed=args.seed)
+    task = load_task(
+        config.task, seed=config.seed, data_dir=config.data_dir, n_train=config.n_train
+    )
+    summary = Trainer(config, task).fit(args.out, progress=not args.no_progress)
+    logger.info(
+        "%s/%s: validation loss %.4f, %s %.4f in %.1f s; wrote %s",
+        config.task,
+        config.model,
+        summary["validation_loss"],
+        summary["metric_name"],
+        summary["validation_metric"],
+        summary["wall_seconds"],
+        args.out,
+    )
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from orchestrator import compare
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise ConfigError(
+            f"--models {args.models!r}: unknown {unknown}; choose from {MODELS}"
+        )
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
+    out = Path(args.out)
+    if not args.plot_only:
+        base = config_from_args(args)
+        compare.run_comparison(
+            base, models, args.seeds, out, progress=not args.no_progress
+        )
+    table = compare.write_comparison(out)
+    sys.stdout.write(table + "\n")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from orchestrator import report
+
+    written = report.report(Path(args.run_dir))
+    for path in written:
+        sys.stdout.write(f"{path}\n")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from orchestrator import compare
+
+    out = Path(args.out)
+    base = for_task("line", epochs=args.epochs)
+    compare.run_comparison(base, ["ccrnn", "crnn"], 1, out)
+    sys.stdout.write(compare.write_comparison(out) + "\n")
+    sys.stdout.write(f"plots: {out / 'comparison.png'}\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    handlers = {
+        "train": _train,
+        "compare": _compare,
+        "report": _report,
+        "demo": _demo,
+    }
+    try:
+        return handlers[args.command](args)
+    except ConfigError as error:
+        parser.exit(2, f"ccdni: error: {error}\n")
+    except FileNotFoundError as error:
+        parser.exit(2, f"ccdni: error: {error}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine. Each command sets up what it needs first.
+#
+#   ./run.sh demo     set up, then run the main job (see README)
+#   ./run.sh test     set up, then run the default test suite (what CI runs)
+#   ./run.sh setup    only set up: a virtual environment in .venv with ccdni installed
+#   ./run.sh ccdni …  set up, then run any ccdni command
+#
+# Environment: CCDNI_VENV (default .venv), CCDNI_PYTHON (default python3),
+# CCDNI_TORCH_INDEX (a pip index URL for torch, e.g. PyTorch's CPU wheel index).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+venv=${CCDNI_VENV:-.venv}
+python=${CCDNI_PYTHON:-python3}
+stamp="$venv/.ccdni-setup"
+
+# Ray binds to loopback, reports nothing home, and needs no token on one machine.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=${RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER:-0}
+export RAY_USAGE_STATS_ENABLED=${RAY_USAGE_STATS_ENABLED:-0}
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+export PYTHONUNBUFFERED=1
+
+setup() {
+    if [ ! -x "$venv/bin/python" ]; then
+        echo "run.sh: creating $venv with $($python --version)" >&2
+        "$python" -m venv "$venv"
+    fi
+    local py="$venv/bin/python"
+    if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
+        return
+    fi
+    "$py" -m pip install -q --upgrade pip
+    if ! "$py" -c "import torch" 2>/dev/null; then
+        # A loose torch requirement on a machine without torch pulls a CUDA build
+        # of several GB. Without a GPU, install the pinned CPU build explicitly;
+        # with one, take the default build. A torch already present is kept.
+        local index=()
+        [ -n "${CCDNI_TORCH_INDEX:-}" ] && index=(--index-url "$CCDNI_TORCH_INDEX")
+        if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+            echo "run.sh: GPU found, installing torch" >&2
+            "$py" -m pip install -q "${index[@]}" "torch>=2.3"
+        else
+            echo "run.sh: no GPU, installing the CPU build torch==2.13.0" >&2
+            "$py" -m pip install -q "${index[@]}" "torch==2.13.0"
+        fi
+    fi
+    "$py" -m pip install -q -e ".[test,dev]"
+    touch "$stamp"
+}
+
+cmd=${1:-help}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+    setup)
+        setup
+        ;;
+    demo)
+        setup
+        exec "$venv/bin/ccdni" demo "$@"
+        ;;
+    test)
+        setup
+        exec "$venv/bin/python" -m pytest "$@"
+        ;;
+    ccdni)
+        setup
+        exec "$venv/bin/ccdni" "$@"
+        ;;
+    *)
+        sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+        [ "$cmd" = help ] || exit 2
+        ;;
+esac
