@@ -27,7 +27,6 @@ from cerebellum_service.learning import (
     Observation,
     Query,
 )
-from cerebellum_service.network import Microzone
 from cortex_service.learning import ChunkLearner, WindowPass
 from cortex_service.network import (
     CorticalChunk,
@@ -36,35 +35,22 @@ from cortex_service.network import (
     unflatten_state,
     window_bounds,
 )
+from cortex_service.runtime import state_zone
 from orchestrator import measures
+from orchestrator.batches import BatchStream
 from orchestrator.config import TrainConfig
 from orchestrator.tasks.base import SequenceData, TaskData, sequence_loss
+from orchestrator.zones import build_microzones, zone_specs
 
 logger = logging.getLogger(__name__)
-
-
-def state_zone(chunk: int) -> str:
-    """Name of the microzone that predicts the future feedback of chunk's state."""
-    return f"state_{chunk}"
 
 
 def build_cerebellum(
     config: TrainConfig, chunks: list[CorticalChunk], context_size: int
 ) -> LocalCerebellum:
     """One state microzone per chunk, seeded from the run's seed."""
-    zones = {}
-    for index, chunk in enumerate(chunks):
-        torch.manual_seed(config.seed * 1009 + 500 + index)
-        zones[state_zone(index)] = Microzone(
-            chunk.state_size,
-            chunk.state_size,
-            granule_width=config.granule_width,
-            granule_layers=config.granule_layers,
-            inputs_per_granule=config.inputs_per_granule,
-            context_size=context_size,
-            seed=config.seed * 1009 + 700 + index,
-        )
-    return LocalCerebellum(zones, lr=config.cerebellum_lr)
+    specs = zone_specs(config, chunks, "locked", False, context_size)
+    return LocalCerebellum(build_microzones(specs), lr=config.cerebellum_lr)
 
 
 @dataclass
@@ -108,7 +94,7 @@ class Trainer:
         # to None while the cerebellum object itself stays for inspection.
         self.predictor: FeedbackPredictor | None = self.cerebellum
         self.truncation = config.effective_truncation(task.seq_len)
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.batches = BatchStream(task, config.batch_size, config.seed, config.context)
         self.steps = 0
         self.epoch = 0
 
@@ -139,6 +125,9 @@ class Trainer:
         size = len(batch)
         normaliser = batch.mask.sum().clamp_min(1)
         context = self.context_for(batch)
+        # The cerebellum works in feedback per example (batch-mean gradients times
+        # the batch size), so what it learns does not depend on the batch size.
+        unit = float(size)
         states = [chunk.initial_state(size) for chunk in self.chunks]
         bounds = list(window_bounds(self.task.seq_len, self.truncation))
         total_loss = 0.0
@@ -159,9 +148,13 @@ class Trainer:
             state_feedback = (
                 [None] * len(self.chunks)
                 if predictor is None or final
-                else self._predict_state_feedback(predictor, passes, window, context)
+                else self._predict_state_feedback(
+                    predictor, passes, window, context, unit
+                )
             )
-            observations = self._backward_window(passes, loss, state_feedback, window)
+            observations = self._backward_window(
+                passes, loss, state_feedback, window, unit
+            )
             if predictor is not None and observations:
                 predictor.observe(observations)
             if step and config.update == "window":
@@ -185,6 +178,7 @@ class Trainer:
         passes: list[WindowPass],
         window: int,
         context: torch.Tensor | None,
+        unit: float,
     ) -> list:
         queries = [
             Query(
@@ -200,7 +194,7 @@ class Trainer:
             if prediction is None:
                 feedback.append(None)
                 continue
-            scaled = prediction * self.config.feedback_scale
+            scaled = prediction * (self.config.feedback_scale / unit)
             feedback.append(
                 unflatten_state(scaled, chunk.num_layers, chunk.hidden_size)
             )
@@ -212,6 +206,7 @@ class Trainer:
         loss: torch.Tensor,
         state_feedback: list,
         window: int,
+        unit: float,
     ) -> list[Observation]:
         observations = []
         output_feedback = None
@@ -227,7 +222,9 @@ class Trainer:
                 # Observed feedback at this window's start answers the prediction
                 # made at the previous window's end.
                 key = ActivityKey(self.steps, window - 1, index)
-                observations.append(Observation(state_zone(index), key, start_feedback))
+                observations.append(
+                    Observation(state_zone(index), key, start_feedback * unit)
+                )
         return observations
 
     def _apply_updates(self, predictor: FeedbackPredictor | None) -> None:
@@ -249,16 +246,13 @@ class Trainer:
                 self.cerebellum.frozen = True
 
     def train_epoch(self) -> float:
-        """One pass over the training set in a seeded random order; mean loss."""
+        """One pass over the training set in the run's seeded order; mean loss."""
         self.apply_lesions(self.epoch)
         for chunk in self.chunks:
             chunk.train()
-        data = self.task.train
-        order = torch.randperm(len(data), generator=self.generator)
         losses = []
-        for start in range(0, len(data), self.config.batch_size):
-            batch = data.subset(order[start : start + self.config.batch_size])
-            losses.append(self.run_batch(batch).loss)
+        for _ in range(self.batches.batches_per_epoch):
+            losses.append(self.run_batch(self.batches.sequences(self.steps)).loss)
             self.steps += 1
         self.epoch += 1
         return sum(losses) / len(losses)

@@ -88,12 +88,17 @@ def true_future_feedback(
 class OracleCerebellum(FeedbackPredictor):
     """Predicts the exact future feedback; records what it is taught."""
 
-    def __init__(self, feedback: dict[tuple[int, int], torch.Tensor]) -> None:
+    def __init__(
+        self, feedback: dict[tuple[int, int], torch.Tensor], unit: float = 1.0
+    ) -> None:
+        # unit: the trainer's feedback unit (the batch size): predictions and
+        # observations are per-example feedback, the gradient times the unit.
         self.feedback = feedback
+        self.unit = unit
         self.observations: list[Observation] = []
 
     def predict(self, queries: Sequence[Query]) -> list[torch.Tensor | None]:
-        return [self.feedback[(q.key.window, q.key.chunk)] for q in queries]
+        return [self.feedback[(q.key.window, q.key.chunk)] * self.unit for q in queries]
 
     def observe(self, observations: Sequence[Observation]) -> None:
         self.observations.extend(observations)

@@ -67,7 +67,7 @@ def test_oracle_feedback_gives_full_bptt_gradients(truncation, chunks, layers, k
     reference = full_bptt_grads(trainer, batch)
 
     oracle = OracleCerebellum(
-        true_future_feedback(trainer.chunks, batch, task.kind, truncation)
+        true_future_feedback(trainer.chunks, batch, task.kind, truncation), len(batch)
     )
     trainer.run_batch(batch, predictor=oracle, step=False)
 
@@ -91,14 +91,16 @@ def test_oracle_observations_are_the_true_feedback_at_window_starts():
     )
     trainer = Trainer(config, task)
     truth = true_future_feedback(trainer.chunks, task.train, task.kind, 2)
-    oracle = OracleCerebellum(truth)
+    oracle = OracleCerebellum(truth, unit=len(task.train))
     trainer.run_batch(task.train, predictor=oracle, step=False)
 
     # With exact feedback injected, the bootstrapped target at window w's start is
     # the exact feedback of the state that ended window w - 1.
     assert [o.key.window for o in oracle.observations] == [0, 1, 2]
     for observation in oracle.observations:
-        expected = truth[(observation.key.window, observation.key.chunk)]
+        expected = truth[(observation.key.window, observation.key.chunk)] * len(
+            task.train
+        )
         torch.testing.assert_close(
             observation.feedback, expected, rtol=1e-9, atol=1e-12
         )

@@ -1,0 +1,127 @@
+"""Every chunk's runtime as a thread of this process, wired by local mailboxes.
+
+This runs the same schedule code as the Ray actors with in-process neighbours
+and an in-process cerebellum. Tests use it to check the schedules' arithmetic
+without starting a cluster; it is not meant to be fast (threads share the GIL).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from cerebellum_service.learning import LocalCerebellum
+from cortex_service.learning import ChunkLearner
+from cortex_service.network import build_chunks
+from cortex_service.runtime import (
+    ChunkRuntime,
+    ChunkSpec,
+    LocalNeighbour,
+    Mailbox,
+    StepResult,
+)
+from orchestrator.batches import BatchStream
+from orchestrator.config import TrainConfig
+from orchestrator.tasks.base import TaskData
+from orchestrator.zones import build_microzones, zone_specs
+
+
+@dataclass
+class ThreadedRun:
+    runtimes: list[ChunkRuntime]
+    cerebellum: LocalCerebellum | None
+    results: list[list[StepResult]]
+
+    @property
+    def losses(self) -> list[float]:
+        return [r.loss for r in self.results[-1]]
+
+
+def run_threaded(
+    config: TrainConfig,
+    task: TaskData,
+    schedule: str,
+    steps: int,
+    micro_batches: int = 1,
+    forward_unlock: bool = False,
+    max_in_flight: int = 2,
+) -> ThreadedRun:
+    """Train ``steps`` batches with every chunk in its own thread."""
+    chunks = build_chunks(
+        task.input_size,
+        config.hidden_size,
+        task.output_size,
+        config.chunks,
+        config.layers_per_chunk,
+        config.dropout,
+        config.seed,
+    )
+    n_labels = int(task.train.labels.max()) + 1
+    context_size = n_labels if config.context else 0
+    specs = zone_specs(config, chunks, schedule, forward_unlock, context_size)
+    cerebellum = (
+        LocalCerebellum(build_microzones(specs), lr=config.cerebellum_lr)
+        if specs
+        else None
+    )
+    truncation = config.effective_truncation(task.seq_len)
+    boxes = [
+        (
+            Mailbox(max_in_flight * micro_batches, f"activity_in[{k}]"),
+            Mailbox(max_in_flight * micro_batches, f"feedback_in[{k}]"),
+        )
+        for k in range(config.chunks)
+    ]
+    runtimes = []
+    for index, chunk in enumerate(chunks):
+        spec = ChunkSpec(
+            index=index,
+            chunks=config.chunks,
+            schedule=schedule,
+            micro_batches=micro_batches,
+            forward_unlock=forward_unlock,
+            temporal=config.uses_cerebellum,
+            feedback_scale=config.feedback_scale,
+        )
+        below = LocalNeighbour(*boxes[index - 1]) if index > 0 else None
+        above = LocalNeighbour(*boxes[index + 1]) if index < config.chunks - 1 else None
+        runtimes.append(
+            ChunkRuntime(
+                spec,
+                ChunkLearner(chunk, config.lr, config.clip or None),
+                task.kind,
+                task.seq_len,
+                truncation,
+                config.update,
+                activity_in=boxes[index][0],
+                feedback_in=boxes[index][1],
+                below=below,
+                above=above,
+                cerebellum=cerebellum,
+            )
+        )
+
+    results: list[list[StepResult]] = [[] for _ in runtimes]
+    errors: list[BaseException] = []
+
+    def work(index: int) -> None:
+        stream = BatchStream(task, config.batch_size, config.seed, config.context)
+        try:
+            for step in range(steps):
+                results[index].append(
+                    runtimes[index].run_batch(step, stream.batch(step))
+                )
+        except BaseException as error:  # reported to the caller below
+            errors.append(error)
+            for activity_in, feedback_in in boxes:
+                activity_in.abort()
+                feedback_in.abort()
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(runtimes))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return ThreadedRun(runtimes, cerebellum, results)
