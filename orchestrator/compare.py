@@ -86,6 +86,9 @@ def write_comparison(out: Path) -> str:
     by_model = load_runs(out)
     first = next(iter(by_model.values()))[0]["summary"]
     columns = [(k, name) for k, name in SUMMARY_COLUMNS if k in first]
+    if first.get("metric_name") in first:
+        # Drawing tasks report dysmetria as their metric: one column is enough.
+        columns = [(k, name) for k, name in columns if k != "validation_metric"]
     metric_name = first.get("metric_name", "metric")
     header = [name if k != "validation_metric" else metric_name for k, name in columns]
 
