@@ -20,6 +20,7 @@ from cortex_service.runtime import (
     Mailbox,
     StepResult,
 )
+from cortex_service.servicer import CortexServicer, GrpcNeighbour
 from orchestrator.batches import BatchStream
 from orchestrator.config import TrainConfig
 from orchestrator.tasks.base import TaskData
@@ -45,8 +46,15 @@ def run_threaded(
     micro_batches: int = 1,
     forward_unlock: bool = False,
     max_in_flight: int = 2,
+    transport: str = "local",
+    token: str = "threaded-run-token",
 ) -> ThreadedRun:
-    """Train ``steps`` batches with every chunk in its own thread."""
+    """Train ``steps`` batches with every chunk in its own thread.
+
+    Args:
+        transport: ``local`` hands tensors over in memory; ``grpc`` starts a real
+            cortex service per chunk on loopback and sends everything through it.
+    """
     chunks = build_chunks(
         task.input_size,
         config.hidden_size,
@@ -72,6 +80,17 @@ def run_threaded(
         )
         for k in range(config.chunks)
     ]
+    servers, neighbours = [], []
+    if transport == "grpc":
+        servers, neighbours = _serve_chunks(chunks, boxes, token)
+    elif transport != "local":
+        raise ValueError(f"transport {transport!r}: choose 'local' or 'grpc'")
+
+    def neighbour(index: int):
+        if transport == "grpc":
+            return neighbours[index]
+        return LocalNeighbour(*boxes[index])
+
     runtimes = []
     for index, chunk in enumerate(chunks):
         spec = ChunkSpec(
@@ -83,8 +102,8 @@ def run_threaded(
             temporal=config.uses_cerebellum,
             feedback_scale=config.feedback_scale,
         )
-        below = LocalNeighbour(*boxes[index - 1]) if index > 0 else None
-        above = LocalNeighbour(*boxes[index + 1]) if index < config.chunks - 1 else None
+        below = neighbour(index - 1) if index > 0 else None
+        above = neighbour(index + 1) if index < config.chunks - 1 else None
         runtimes.append(
             ChunkRuntime(
                 spec,
@@ -122,6 +141,35 @@ def run_threaded(
         thread.start()
     for thread in threads:
         thread.join()
+    for runtime in runtimes:
+        for peer in (runtime.above, runtime.below):
+            if isinstance(peer, GrpcNeighbour):
+                peer.flush()
+    for server in servers:
+        server.stop(grace=1.0)
     if errors:
         raise errors[0]
     return ThreadedRun(runtimes, cerebellum, results)
+
+
+def _serve_chunks(chunks, boxes, token: str):
+    """A cortex service per chunk on loopback, and a client for each."""
+    from protos import ccdni_pb2_grpc as pb_grpc
+    from protos.service import ClientSecurity, ServerSecurity, start_server
+
+    servers, neighbours = [], []
+    for index, chunk in enumerate(chunks):
+        servicer = CortexServicer(
+            index, chunk.input_size, chunk.hidden_size, *boxes[index]
+        )
+        servers.append(
+            start_server(
+                lambda s, sv=servicer: pb_grpc.add_CortexServicer_to_server(sv, s),
+                security=ServerSecurity(token=token),
+                service_names=["ccdni.v1.Cortex"],
+            )
+        )
+        neighbours.append(
+            GrpcNeighbour(servers[-1].address, ClientSecurity(token=token))
+        )
+    return servers, neighbours

@@ -23,9 +23,12 @@ def in_process_losses(config: TrainConfig, task, steps: int) -> list[float]:
     return [trainer.run_batch(stream.sequences(s)).loss for s in range(steps)]
 
 
+@pytest.mark.parametrize("transport", ["local", "grpc"])
 @pytest.mark.parametrize("chunks", [2, 3])
 @pytest.mark.parametrize("model,truncation", [("crnn", 3), ("bptt", None)])
-def test_locked_matches_the_in_process_trainer_step_by_step(chunks, model, truncation):
+def test_locked_matches_the_in_process_trainer_step_by_step(
+    chunks, model, truncation, transport
+):
     task = random_task(seq_len=9, n=40)
     config = TrainConfig(
         task="random",
@@ -37,7 +40,7 @@ def test_locked_matches_the_in_process_trainer_step_by_step(chunks, model, trunc
     )
     steps = 20
     expected = in_process_losses(config, task, steps)
-    run = run_threaded(config, task, "locked", steps)
+    run = run_threaded(config, task, "locked", steps, transport=transport)
     assert len(run.losses) == steps
     for got, want in zip(run.losses, expected):
         assert abs(got - want) <= 1e-5 * max(1.0, abs(want))

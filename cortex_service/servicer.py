@@ -1,0 +1,501 @@
+"""The cortex service: one chunk's inbound wires, and the client for its neighbours.
+
+A chunk receives activity from the chunk below (``PushActivity``) and observed
+feedback from the chunk above (``PushFeedback``). Each whole message is checked
+(key, shape, width, dtype, finite values) before it touches any state, then
+deposited in the chunk's bounded :class:`~cortex_service.runtime.Mailbox`; a full
+mailbox holds the call open, which stalls the sender: that is the bound on work
+in flight between two chunks. Which messages the chunk then waits for is the
+schedule's business (``cortex_service.runtime``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent import futures
+
+import grpc
+import msgpack
+import torch
+
+from cerebellum_service.learning import ActivityKey
+from cortex_service.runtime import Aborted, Mailbox, MailKey, mail_key
+from protos import ccdni_pb2 as pb
+from protos import ccdni_pb2_grpc as pb_grpc
+from protos import codec
+from protos.service import (
+    ClientSecurity,
+    Counters,
+    RequestError,
+    call,
+    open_channel,
+    reject,
+    reject_error,
+)
+
+logger = logging.getLogger(__name__)
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+CheckpointFn = Callable[[str], tuple[str, int, int]]
+RestoreFn = Callable[[str], int]
+
+
+def key_to_proto(key: ActivityKey, out: pb.ActivityKey) -> pb.ActivityKey:
+    out.run = key.run
+    out.batch = key.batch
+    out.window = key.window
+    out.chunk = key.chunk
+    out.micro_batch = key.micro_batch
+    return out
+
+
+def key_from_proto(msg: pb.ActivityKey) -> ActivityKey:
+    return ActivityKey(msg.batch, msg.window, msg.chunk, msg.micro_batch, msg.run)
+
+
+class _Order:
+    """Refuses keys that repeat or go back in (batch, window) order."""
+
+    def __init__(self) -> None:
+        self.last: tuple[int, int] | None = None
+        self.seen: set[MailKey] = set()
+        self.lock = threading.Lock()
+
+    def check(self, key: MailKey, what: str) -> None:
+        with self.lock:
+            if key[:2] < (self.last or (-1, -1)):
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{what}.key: (batch, window) {key[:2]} is out of order; expected "
+                    f"{self.last} or later",
+                    "out_of_order",
+                )
+            if key in self.seen:
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{what}.key: {key} was already received",
+                    "duplicate",
+                )
+
+    def accept(self, key: MailKey) -> None:
+        with self.lock:
+            if self.last is None or key[:2] > self.last:
+                # Keys of windows before the new one can no longer come.
+                self.seen = {k for k in self.seen if k[:2] >= key[:2]}
+                self.last = key[:2]
+            self.seen.add(key)
+
+    def reset(self) -> None:
+        with self.lock:
+            self.last = None
+            self.seen.clear()
+
+
+def _check_tensor(
+    tensor: torch.Tensor, field: str, width: int, dims: int = 3
+) -> torch.Tensor:
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{field}: dtype {tensor.dtype} is not a floating type; expected one of "
+            f"{', '.join(str(d) for d in FLOAT_DTYPES)}",
+            "dtype",
+        )
+    if tensor.dim() != dims or tensor.shape[-1] != width or tensor.numel() == 0:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{field}: shape {list(tensor.shape)}; expected (batch, steps, {width}) "
+            "with batch and steps at least 1",
+            "shape",
+        )
+    try:
+        codec.check_finite(tensor, field)
+    except codec.CodecError as error:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT, str(error), "not_finite"
+        ) from None
+    return tensor.float()
+
+
+class CortexServicer(pb_grpc.CortexServicer):
+    """The inbound side of one cortical chunk.
+
+    Args:
+        index: the chunk's position (activity comes from ``index - 1``, feedback
+            is about this chunk's own outputs).
+        input_size: width of the activity it accepts.
+        hidden_size: width of the feedback it accepts.
+        activity_in: where accepted activity goes.
+        feedback_in: where accepted observed feedback goes.
+        put_timeout: seconds a call may wait for room in a full mailbox before it
+            is answered RESOURCE_EXHAUSTED.
+        checkpoint, restore: the chunk's own checkpoint functions (the actor's).
+    """
+
+    def __init__(
+        self,
+        index: int,
+        input_size: int,
+        hidden_size: int,
+        activity_in: Mailbox,
+        feedback_in: Mailbox,
+        put_timeout: float = 120.0,
+        checkpoint: CheckpointFn | None = None,
+        restore: RestoreFn | None = None,
+    ) -> None:
+        self.index = index
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.activity_in = activity_in
+        self.feedback_in = feedback_in
+        self.put_timeout = put_timeout
+        self.checkpoint_fn = checkpoint
+        self.restore_fn = restore
+        self.counters = Counters(
+            ["activity.accepted", "feedback.accepted", "bytes.received"]
+        )
+        self._activity_order = _Order()
+        self._feedback_order = _Order()
+
+    def reset(self) -> None:
+        """Forget the order of keys seen (after a restore, keys start again)."""
+        self._activity_order.reset()
+        self._feedback_order.reset()
+
+    # Streams ---------------------------------------------------------------------
+
+    def PushActivity(self, request_iterator, context):  # noqa: N802 (gRPC name)
+        accepted = 0
+        try:
+            for frame, tensors in codec.decode_frames(request_iterator, "activity"):
+                key, outputs = self._check_activity(frame, tensors)
+                self._deposit(self.activity_in, self._activity_order, key, outputs)
+                self.counters.add("activity.accepted")
+                self.counters.add("bytes.received", outputs.numel() * 4)
+                accepted += 1
+        except RequestError as error:
+            reject_error(context, error, self.counters)
+        except codec.CodecError as error:
+            reject(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                str(error),
+                self.counters,
+                "codec",
+            )
+        return pb.Ack(accepted=accepted)
+
+    def PushFeedback(self, request_iterator, context):  # noqa: N802
+        accepted = 0
+        try:
+            for frame, tensors in codec.decode_frames(request_iterator, "feedback"):
+                key, feedback = self._check_feedback(frame, tensors)
+                self._deposit(self.feedback_in, self._feedback_order, key, feedback)
+                self.counters.add("feedback.accepted")
+                self.counters.add("bytes.received", feedback.numel() * 4)
+                accepted += 1
+        except RequestError as error:
+            reject_error(context, error, self.counters)
+        except codec.CodecError as error:
+            reject(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                str(error),
+                self.counters,
+                "codec",
+            )
+        return pb.Ack(accepted=accepted)
+
+    def _check_activity(self, frame: pb.ActivityFrame, tensors: dict):
+        if frame.WhichOneof("body") != "activity":
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "activity frame: expected a whole activity message, got a lone part",
+                "frame",
+            )
+        activity = frame.activity
+        if not activity.HasField("key") or activity.key.chunk != self.index - 1:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"activity.key.chunk: {activity.key.chunk}; this chunk ({self.index}) "
+                f"accepts activity from chunk {self.index - 1} only",
+                "key",
+            )
+        _check_key(activity.key, "activity")
+        if "activity.outputs" not in tensors:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "activity.outputs: missing; expected (batch, steps, "
+                f"{self.input_size})",
+                "shape",
+            )
+        outputs = _check_tensor(
+            tensors["activity.outputs"], "activity.outputs", self.input_size
+        )
+        return key_from_proto(activity.key), outputs
+
+    def _check_feedback(self, frame: pb.FeedbackFrame, tensors: dict):
+        if frame.WhichOneof("body") != "feedback":
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "feedback frame: expected a whole feedback message, got a lone part",
+                "frame",
+            )
+        feedback = frame.feedback
+        if (
+            feedback.target != pb.Feedback.OUTPUT
+            or feedback.kind != pb.Feedback.OBSERVED
+        ):
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"feedback.kind/target: {feedback.kind}/{feedback.target}; a chunk "
+                "accepts OBSERVED feedback of its OUTPUT only",
+                "kind",
+            )
+        if not feedback.HasField("key") or feedback.key.chunk != self.index:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"feedback.key.chunk: {feedback.key.chunk}; expected {self.index} "
+                "(feedback about this chunk's outputs)",
+                "key",
+            )
+        _check_key(feedback.key, "feedback")
+        if len(feedback.tensors) != 1:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"feedback.tensors: {len(feedback.tensors)} tensors; expected 1 "
+                f"(d_outputs, (batch, steps, {self.hidden_size}))",
+                "shape",
+            )
+        grad = _check_tensor(
+            tensors["feedback.tensors[0]"], "feedback.tensors[0]", self.hidden_size
+        )
+        return key_from_proto(feedback.key), grad
+
+    def _deposit(self, mailbox: Mailbox, order: _Order, key, tensor) -> None:
+        mkey = mail_key(key)
+        order.check(mkey, mailbox.name)
+        try:
+            mailbox.put(mkey, tensor, timeout=self.put_timeout)
+        except TimeoutError:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{mailbox.name} stayed full for {self.put_timeout} s; the chunk is "
+                "not reading (stalled or stopped)",
+                "full",
+            ) from None
+        except Aborted:
+            raise RequestError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"{mailbox.name}: the run was stopped",
+                "aborted",
+            ) from None
+        except KeyError as error:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT, str(error), "duplicate"
+            ) from None
+        order.accept(mkey)
+
+    # Control ---------------------------------------------------------------------
+
+    def Configure(self, request, context):  # noqa: N802
+        try:
+            settings = msgpack.unpackb(request.config) if request.config else {}
+        except (ValueError, msgpack.ExtraData, msgpack.FormatError) as error:
+            reject(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"config: not msgpack ({error})",
+                self.counters,
+                "config",
+            )
+        if not isinstance(settings, dict):
+            reject(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"config: a msgpack map expected, got {type(settings).__name__}",
+                self.counters,
+                "config",
+            )
+        unknown = sorted(set(settings) - {"put_timeout"})
+        if unknown:
+            reject(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"config: unknown keys {unknown}; settable: ['put_timeout']",
+                self.counters,
+                "config",
+            )
+        if "put_timeout" in settings:
+            value = settings["put_timeout"]
+            if not isinstance(value, (int, float)) or not value > 0:
+                reject(
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"config.put_timeout: {value!r}; expected a positive number",
+                    self.counters,
+                    "config",
+                )
+            self.put_timeout = float(value)
+        effective = {
+            "chunk": self.index,
+            "input_size": self.input_size,
+            "hidden_size": self.hidden_size,
+            "capacity": self.activity_in.capacity,
+            "put_timeout": self.put_timeout,
+        }
+        return pb.ConfigureReply(config=msgpack.packb(effective))
+
+    def Stats(self, request, context):  # noqa: N802
+        counters = self.counters.snapshot()
+        counters["activity_in.depth"] = len(self.activity_in)
+        counters["feedback_in.depth"] = len(self.feedback_in)
+        counters["activity_in.stalls"] = self.activity_in.stalls
+        counters["feedback_in.stalls"] = self.feedback_in.stalls
+        names = set(request.names)
+        if names:
+            counters = {k: v for k, v in counters.items() if k in names}
+        return pb.StatsReply(counters=counters)
+
+    def Checkpoint(self, request, context):  # noqa: N802
+        if self.checkpoint_fn is None:
+            reject(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "checkpoint: this server hosts no chunk state to save",
+                self.counters,
+                "no_state",
+            )
+        if not request.path:
+            reject(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "checkpoint.path: empty; expected a file path",
+                self.counters,
+                "path",
+            )
+        try:
+            path, step, size = self.checkpoint_fn(request.path)
+        except OSError as error:
+            reject(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"checkpoint.path {request.path!r}: {error}",
+                self.counters,
+                "io",
+            )
+        return pb.CheckpointReply(path=path, step=step, size_bytes=size)
+
+    def Restore(self, request, context):  # noqa: N802
+        if self.restore_fn is None:
+            reject(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "restore: this server hosts no chunk state",
+                self.counters,
+                "no_state",
+            )
+        try:
+            step = self.restore_fn(request.path)
+        except FileNotFoundError:
+            reject(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"restore.path {request.path!r}: no such checkpoint",
+                self.counters,
+                "path",
+            )
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            reject(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"restore.path {request.path!r}: not a valid chunk checkpoint "
+                f"({error})",
+                self.counters,
+                "corrupt",
+            )
+        self.reset()
+        return pb.RestoreReply(path=request.path, step=step)
+
+
+def _check_key(key: pb.ActivityKey, what: str) -> None:
+    for name in ("batch", "window", "micro_batch"):
+        if getattr(key, name) < 0:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{what}.key.{name}: {getattr(key, name)}; expected a non-negative id",
+                "key",
+            )
+
+
+class GrpcNeighbour:
+    """A neighbouring chunk behind gRPC (the ``Neighbour`` of the runtime).
+
+    Each send is one short client stream carrying one message (split in parts if
+    it is large). It returns once the previous send has been accepted, so at most
+    one send is in flight from here and a full mailbox there stalls this chunk.
+
+    Args:
+        address: ``host:port`` of the neighbour's cortex service.
+        security: token and TLS settings.
+        deadline_s: deadline of each send (the wait for mailbox room included).
+        max_message_bytes: both ends' message limit.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        security: ClientSecurity | None = None,
+        deadline_s: float = 120.0,
+        max_message_bytes: int = codec.MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.address = address
+        self.deadline_s = deadline_s
+        self.max_message_bytes = max_message_bytes
+        self.channel = open_channel(address, security, max_message_bytes)
+        self.stub = pb_grpc.CortexStub(self.channel)
+        self._pending: futures.Future | None = None
+        self.bytes_sent = 0
+
+    def send_activity(self, key: ActivityKey, outputs: torch.Tensor) -> None:
+        frame = pb.ActivityFrame()
+        key_to_proto(key, frame.activity.key)
+        frames = codec.split_frames(
+            frame, {"activity.outputs": outputs}, max_bytes=self.max_message_bytes
+        )
+        self._send(self.stub.PushActivity, frames, outputs)
+
+    def send_feedback(self, key: ActivityKey, feedback: torch.Tensor) -> None:
+        frame = pb.FeedbackFrame()
+        key_to_proto(key, frame.feedback.key)
+        frame.feedback.kind = pb.Feedback.OBSERVED
+        frame.feedback.target = pb.Feedback.OUTPUT
+        frames = codec.split_frames(
+            frame, {"feedback.tensors[0]": feedback}, max_bytes=self.max_message_bytes
+        )
+        self._send(self.stub.PushFeedback, frames, feedback)
+
+    def _send(self, method, frames, tensor: torch.Tensor) -> None:
+        self.flush()
+        frames = list(frames)
+        self._pending = method.future(iter(frames), timeout=self.deadline_s)
+        self.bytes_sent += tensor.numel() * tensor.element_size()
+
+    def flush(self) -> None:
+        """Wait for the send in flight to be accepted; raise its error."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def stats(self) -> dict[str, float]:
+        reply = call(self.stub.Stats, pb.StatsRequest())
+        return dict(reply.counters)
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self.channel.close()
