@@ -14,6 +14,7 @@ the same process) and the gRPC client in ``cerebellum_service.client``.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from abc import ABC, abstractmethod
@@ -53,11 +54,18 @@ class Query:
 
 @dataclass(frozen=True)
 class Observation:
-    """The observed feedback for the activity of an earlier :class:`Query`."""
+    """The observed feedback for the activity of an earlier :class:`Query`.
+
+    ``activity`` (and ``context``), when given, is the activity to pair the
+    feedback with instead of the cached copy, for a zone that was never asked
+    about ``key``.
+    """
 
     zone: str
     key: ActivityKey
     feedback: torch.Tensor  # (N, out_features)
+    activity: torch.Tensor | None = None  # (N, in_features)
+    context: torch.Tensor | None = None  # (N, context_size)
 
 
 @dataclass
@@ -120,7 +128,13 @@ class LocalCerebellum(FeedbackPredictor):
         self._cache: OrderedDict[tuple[str, ActivityKey], tuple] = OrderedDict()
         self._pending: list[tuple[str, torch.Tensor, torch.Tensor | None, torch.Tensor]]
         self._pending = []
+        # _lock guards the cache, the pending examples, the stats and every write
+        # to the parameters; predictions hold it for their whole forward pass.
+        # _update_lock serialises updates (and state loads) so that an update's
+        # forward and backward pass can run without _lock: they only read the
+        # parameters, and only optimizer.step, under _lock, writes them.
         self._lock = threading.Lock()
+        self._update_lock = threading.Lock()
 
     def zone(self, name: str) -> Microzone:
         if name not in self.zones:
@@ -140,37 +154,69 @@ class LocalCerebellum(FeedbackPredictor):
     def observe(self, observations: Sequence[Observation]) -> None:
         with self._lock:
             for observation in observations:
-                self.zone(
-                    observation.zone
-                )  # unknown zones raise, naming the known ones
-                stats = self.stats[observation.zone]
-                entry = self._cache.pop((observation.zone, observation.key), None)
-                if entry is None:
-                    stats.cache_misses += 1
-                    continue
-                stats.observations += 1
-                if self.frozen:
-                    continue
-                activity, context = entry
-                self._pending.append(
-                    (observation.zone, activity, context, observation.feedback.detach())
-                )
+                self._observe_one(observation)
+
+    def observe_one(self, observation: Observation) -> str:
+        """Take one observation and say what became of it.
+
+        Returns:
+            ``"accepted"``: paired with an activity and queued for the next
+            update; ``"frozen"``: paired, but learning is frozen (olive lesion);
+            ``"cache_miss"``: no activity was cached for its key (never
+            predicted, already observed, or evicted).
+
+        Raises:
+            KeyError: unknown zone. ValueError: the feedback (or the given
+            activity) does not fit the zone or the cached activity. Nothing is
+            changed when it raises.
+        """
+        with self._lock:
+            return self._observe_one(observation)
+
+    def _observe_one(self, observation: Observation) -> str:
+        zone = self.zone(observation.zone)  # unknown zones raise, naming the known
+        stats = self.stats[observation.zone]
+        cache_key = (observation.zone, observation.key)
+        if observation.activity is not None:
+            entry = (observation.activity.detach(), _detached(observation.context))
+        else:
+            entry = self._cache.get(cache_key)
+            if entry is None:
+                stats.cache_misses += 1
+                return "cache_miss"
+        _check_pair(zone, observation, *entry)
+
+        self._cache.pop(cache_key, None)
+        stats.observations += 1
+        if self.frozen:
+            return "frozen"
+        activity, context = entry
+        self._pending.append(
+            (observation.zone, activity, context, observation.feedback.detach())
+        )
+        return "accepted"
 
     def update(self) -> dict[str, float]:
-        """One Adam step on every zone with pending observations (batched)."""
-        with self._lock:
-            pending, self._pending = self._pending, []
-        if not pending or self.frozen:
-            return {}
+        """One Adam step on every zone with pending observations (batched).
 
-        grouped: dict[str, list] = defaultdict(list)
-        for zone, activity, context, target in pending:
-            grouped[zone].append((activity, context, target))
+        Predictions may run while it computes: the forward and backward pass read
+        the parameters without holding the lock; only the optimiser step, which
+        writes them, excludes predictions.
+        """
+        with self._update_lock:
+            with self._lock:
+                pending, self._pending = self._pending, []
+                frozen = self.frozen
+            if not pending or frozen:
+                return {}
 
-        losses: dict[str, float] = {}
-        with self._lock:
+            grouped: dict[str, list] = defaultdict(list)
+            for zone, activity, context, target in pending:
+                grouped[zone].append((activity, context, target))
+
             self.optimizer.zero_grad(set_to_none=True)
             total = 0.0
+            records = []
             for zone, examples in grouped.items():
                 activity = torch.cat([a for a, _, _ in examples])
                 context = (
@@ -182,12 +228,18 @@ class LocalCerebellum(FeedbackPredictor):
                 prediction = self.zones[zone](activity, context)
                 loss = F.mse_loss(prediction, target)
                 total = total + loss
-                value = float(loss.detach())
-                self._record(zone, prediction.detach(), target, value)
-                losses[zone] = value
+                records.append(
+                    (zone, prediction.detach(), target, float(loss.detach()))
+                )
             total.backward()
-            self.optimizer.step()
-        return losses
+
+            losses: dict[str, float] = {}
+            with self._lock:
+                self.optimizer.step()
+                for zone, prediction, target, value in records:
+                    self._record(zone, prediction, target, value)
+                    losses[zone] = value
+            return losses
 
     def _remember(self, query: Query) -> None:
         activity = query.activity.detach()
@@ -209,16 +261,54 @@ class LocalCerebellum(FeedbackPredictor):
         stats.loss_history.append(loss)
 
     def state_dict(self) -> dict:
-        return {
-            "zones": self.zones.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "frozen": self.frozen,
-        }
+        """Weights, optimiser state and lesion flag: a copy, consistent even while
+        another thread updates, so it can be saved at leisure."""
+        with self._lock:
+            return copy.deepcopy(
+                {
+                    "zones": self.zones.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "frozen": self.frozen,
+                }
+            )
 
     def load_state_dict(self, state: Mapping) -> None:
-        with self._lock:
+        with self._update_lock, self._lock:
             self.zones.load_state_dict(state["zones"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.frozen = bool(state.get("frozen", False))
             self._cache.clear()
             self._pending.clear()
+
+
+def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach()
+
+
+def _check_pair(
+    zone: Microzone,
+    observation: Observation,
+    activity: torch.Tensor,
+    context: torch.Tensor | None,
+) -> None:
+    """Raise ValueError unless feedback, activity and context fit together."""
+    if activity.dim() != 2 or activity.shape[1] != zone.in_features:
+        raise ValueError(
+            f"observation for {observation.zone!r}: activity has shape "
+            f"{list(activity.shape)}; expected [N, {zone.in_features}]"
+        )
+    rows = activity.shape[0]
+    feedback = observation.feedback
+    if list(feedback.shape) != [rows, zone.out_features]:
+        raise ValueError(
+            f"observation for {observation.zone!r}: feedback has shape "
+            f"{list(feedback.shape)}; expected [{rows}, {zone.out_features}] to "
+            "match the activity it answers"
+        )
+    got = None if context is None else list(context.shape)
+    expected = [rows, zone.context_size] if zone.context_size else None
+    if got != expected:
+        raise ValueError(
+            f"observation for {observation.zone!r}: context has shape {got}; "
+            f"expected {expected}"
+        )
