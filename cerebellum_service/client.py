@@ -1,0 +1,547 @@
+"""The remote cerebellum: a ``FeedbackPredictor`` that talks to a cerebellum server.
+
+``RemoteCerebellum`` has the interface of ``LocalCerebellum``, so a cortex uses
+either without knowing which::
+
+    predict(queries) ──Predict (unary, deadline, retries)──────────▶ server
+    observe(obs) ──▶ outbox (bounded) ──▶ sender thread ──Learn stream──▶ server
+    update() ──▶ {}   (the server learns on its own, beside prediction)
+
+``observe`` only encodes and queues; a background thread feeds the queue into a
+long-lived Learn stream, which it ends after ``stream_lifetime_s`` (every call
+has a deadline) or on ``flush``, and reopens after a failure with exponential
+backoff. Observations already written to a stream that then fails are lost and
+counted (``observations_lost``): observed feedback is a teaching signal, and a
+few missing examples cost the cerebellum less than a stalled cortex would.
+
+Degraded mode: while the server is unreachable, ``predict`` returns ``None`` for
+every query (the cortex goes on without predicted feedback), counts
+``degraded_calls`` and logs one warning per outage; observations that do not fit
+in the full outbox are dropped and counted. Both recover on their own when the
+server is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grpc
+import msgpack
+import torch
+
+from cerebellum_service.learning import FeedbackPredictor, Observation, Query
+from cerebellum_service.servicer import key_message
+from protos import ccdni_pb2 as pb
+from protos import ccdni_pb2_grpc as pb_grpc
+from protos.codec import MAX_MESSAGE_BYTES, decode, encode, split_frames
+from protos.service import (
+    RETRYABLE_CODES,
+    ClientSecurity,
+    Counters,
+    call,
+    open_channel,
+    wait_ready,
+)
+
+logger = logging.getLogger(__name__)
+
+CLIENT_COUNTERS = (
+    "predict_calls",
+    "degraded_calls",
+    "outages",
+    "observations_queued",
+    "observations_sent",
+    "observations_dropped",
+    "observations_lost",
+    "learn_streams",
+    "learn_stream_failures",
+    "accepted",
+    "cache_misses",
+    "rejected",
+)
+
+
+class _Flush:
+    """A marker in the outbox: end the current stream and report its outcome."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.ok = False
+
+    def resolve(self, ok: bool) -> None:
+        self.ok = ok
+        self.done.set()
+
+
+class _Stream:
+    """One Learn call: which observations and flush markers it carried."""
+
+    def __init__(self) -> None:
+        self.alive = True
+        self.sent = 0
+        self.flushes: list[_Flush] = []
+
+
+class _Outbox:
+    """A bounded FIFO of encoded observations (lists of frames) and markers.
+
+    Unlike ``queue.Queue`` it lets a stream stop taking items the moment its
+    call has ended, so no item is taken by a stream that can no longer send it.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: deque = deque()
+        self._observations = 0
+        self._changed = threading.Condition()
+        self._closed = False
+
+    def put(self, item: Any, *, marker: bool = False) -> bool:
+        """Append; return False (item not taken) when the outbox is full."""
+        with self._changed:
+            if not marker:
+                if self._observations >= self.capacity:
+                    return False
+                self._observations += 1
+            self._items.append(item)
+            self._changed.notify_all()
+            return True
+
+    def take(self, stream: _Stream | None, timeout: float | None) -> Any | None:
+        """The next item, or ``None`` on timeout, close, or the stream's end."""
+
+        def ready() -> bool:
+            ended = stream is not None and not stream.alive
+            return bool(self._items) or self._closed or ended
+
+        with self._changed:
+            self._changed.wait_for(ready, timeout)
+            if self._closed or (stream is not None and not stream.alive):
+                return None
+            if not self._items:
+                return None
+            item = self._items.popleft()
+            if not isinstance(item, _Flush):
+                self._observations -= 1
+            return item
+
+    def end(self, stream: _Stream) -> None:
+        with self._changed:
+            stream.alive = False
+            self._changed.notify_all()
+
+    def close(self) -> list:
+        """Refuse further takes; return what was still queued."""
+        with self._changed:
+            self._closed = True
+            left, self._items = list(self._items), deque()
+            self._observations = 0
+            self._changed.notify_all()
+            return left
+
+    def __len__(self) -> int:
+        with self._changed:
+            return self._observations
+
+
+class RemoteCerebellum(FeedbackPredictor):
+    """A cerebellum server seen as a ``FeedbackPredictor``.
+
+    Args:
+        address: ``host:port`` of the server.
+        security: token and TLS settings (``protos.service.ClientSecurity``).
+        max_message_bytes: message limit, the same as the server's.
+        deadline_s: deadline of each Predict attempt.
+        retries: retries of a Predict that failed with UNAVAILABLE or
+            DEADLINE_EXCEEDED while the server was reachable (none during an
+            outage, so a degraded call costs one attempt).
+        backoff_s: first retry delay, doubled per retry and per failed stream.
+        max_backoff_s: longest retry delay.
+        control_deadline_s: deadline of Configure, Stats, Checkpoint, Restore.
+        queue_size: observations the outbox holds before dropping new ones.
+        stream_lifetime_s: a Learn stream ends (and its counts arrive) after
+            this long; the next observation opens a new one.
+        channel: an already opened channel to use instead of opening one.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        security: ClientSecurity | None = None,
+        *,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        deadline_s: float = 2.0,
+        retries: int = 2,
+        backoff_s: float = 0.05,
+        max_backoff_s: float = 1.0,
+        control_deadline_s: float = 30.0,
+        queue_size: int = 1024,
+        stream_lifetime_s: float = 30.0,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        if queue_size < 1 or stream_lifetime_s <= 0 or deadline_s <= 0:
+            raise ValueError(
+                f"queue_size={queue_size!r} must be >= 1, and "
+                f"stream_lifetime_s={stream_lifetime_s!r} and "
+                f"deadline_s={deadline_s!r} positive"
+            )
+        self.address = address
+        self.max_message_bytes = max_message_bytes
+        self.deadline_s = deadline_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.control_deadline_s = control_deadline_s
+        self.stream_lifetime_s = stream_lifetime_s
+        self.counters = Counters(CLIENT_COUNTERS)
+        self._channel = channel or open_channel(address, security, max_message_bytes)
+        self._stub = pb_grpc.CerebellumStub(self._channel)
+        self._outbox = _Outbox(queue_size)
+        self._state_lock = threading.Lock()
+        self._down = False
+        self._degraded_in_outage = 0
+        self._warned_full = False
+        self._closed = threading.Event()
+        self._sender = threading.Thread(
+            target=self._send_loop, name="cerebellum-learn-sender", daemon=True
+        )
+        self._sender.start()
+
+    # FeedbackPredictor -------------------------------------------------------------
+
+    def predict(self, queries: Sequence[Query]) -> list[torch.Tensor | None]:
+        """Predicted feedback per query; all ``None`` while the server is away.
+
+        Raises:
+            KeyError: a query names a zone the server does not have.
+            ValueError: the server refused a query (INVALID_ARGUMENT), or the
+                request is above the message limit.
+            RuntimeError: any other refusal (e.g. not configured).
+        """
+        if not queries:
+            return []
+        request = pb.PredictRequest()
+        for query in queries:
+            msg = request.queries.add(zone=query.zone, key=key_message(query.key))
+            encode(query.activity, out=msg.activity)
+            if query.context is not None:
+                encode(query.context, out=msg.context)
+
+        self.counters.add("predict_calls")
+        try:
+            reply = call(
+                self._stub.Predict,
+                request,
+                deadline_s=self.deadline_s,
+                retries=0 if self._down else self.retries,
+                backoff_s=self.backoff_s,
+                max_backoff_s=self.max_backoff_s,
+            )
+        except grpc.RpcError as error:
+            if error.code() not in RETRYABLE_CODES:
+                raise _exception(error, "Predict") from error
+            self._mark_down(f"Predict: {error.code().name}: {error.details()}")
+            self.counters.add("degraded_calls")
+            with self._state_lock:
+                self._degraded_in_outage += 1
+            return [None] * len(queries)
+        self._mark_up()
+
+        if len(reply.predictions) != len(queries) or len(reply.available) != len(
+            queries
+        ):
+            raise RuntimeError(
+                f"Predict: reply holds {len(reply.predictions)} predictions and "
+                f"{len(reply.available)} flags for {len(queries)} queries"
+            )
+        return [
+            decode(msg, field=f"predictions[{index}]") if available else None
+            for index, (msg, available) in enumerate(
+                zip(reply.predictions, reply.available, strict=True)
+            )
+        ]
+
+    def observe(self, observations: Sequence[Observation]) -> None:
+        """Queue observed feedback for the Learn stream; never waits on the network.
+
+        Raises:
+            CodecError: a tensor cannot be encoded (unsupported dtype).
+        """
+        for observation in observations:
+            frame = pb.LearnRequest(
+                zone=observation.zone, key=key_message(observation.key)
+            )
+            tensors = {"observed": observation.feedback}
+            if observation.activity is not None:
+                tensors["activity"] = observation.activity
+            if observation.context is not None:
+                tensors["context"] = observation.context
+            frames = list(
+                split_frames(frame, tensors, max_bytes=self.max_message_bytes)
+            )
+            if self._outbox.put(frames):
+                self.counters.add("observations_queued")
+                continue
+            self.counters.add("observations_dropped")
+            with self._state_lock:
+                warn, self._warned_full = not self._warned_full, True
+            if warn:
+                logger.warning(
+                    "cerebellum at %s: outbox full (%d observations); dropping "
+                    "observed feedback until the Learn stream catches up",
+                    self.address,
+                    self._outbox.capacity,
+                )
+
+    def update(self) -> dict[str, float]:
+        """Nothing to do here: the server learns in the background."""
+        return {}
+
+    # Control ----------------------------------------------------------------------
+
+    def configure(
+        self,
+        zones: Mapping[str, Mapping[str, Any]] | Sequence[Mapping[str, Any]],
+        lr: float = 1e-3,
+        cache_size: int = 4096,
+        lesion: str | None = None,
+    ) -> dict[str, Any]:
+        """Replace the server's cerebellum; return the effective settings.
+
+        Args:
+            zones: zone maps (``name``, ``in_features``, ``out_features``, ...),
+                as a list or as ``{name: spec}`` (the form of
+                ``orchestrator.zones.zone_specs``).
+            lr: Adam learning rate.
+            cache_size: activities the server keeps for feedback to come.
+            lesion: ``None``, ``"cerebellum"`` or ``"olive"``.
+
+        Raises:
+            ValueError: the server refused the settings (the message names the
+                key). ConnectionError: the server is unreachable.
+        """
+        if isinstance(zones, Mapping):
+            zones = [{"name": name, **spec} for name, spec in zones.items()]
+        config = {
+            "zones": [dict(zone) for zone in zones],
+            "lr": lr,
+            "cache_size": cache_size,
+            "lesion": lesion,
+        }
+        reply = self._control("Configure", pb.ConfigureRequest(config=_pack(config)))
+        return msgpack.unpackb(reply.config, raw=False)
+
+    def set_lesion(self, lesion: str | None) -> dict[str, Any]:
+        """Lesion the server's cerebellum (or undo it) without touching weights."""
+        request = pb.ConfigureRequest(config=_pack({"lesion": lesion}))
+        reply = self._control("Configure", request)
+        return msgpack.unpackb(reply.config, raw=False)
+
+    def stats(self, names: Sequence[str] = ()) -> dict[str, float]:
+        """The server's counters (all, or those named)."""
+        reply = self._control("Stats", pb.StatsRequest(names=list(names)))
+        return dict(reply.counters)
+
+    def checkpoint(self, path: str) -> dict[str, Any]:
+        """Have the server write a checkpoint at ``path`` (on its file system)."""
+        reply = self._control("Checkpoint", pb.CheckpointRequest(path=str(path)))
+        return {"path": reply.path, "step": reply.step, "size_bytes": reply.size_bytes}
+
+    def restore(self, path: str) -> dict[str, Any]:
+        """Have the server load the checkpoint at ``path``."""
+        reply = self._control("Restore", pb.RestoreRequest(path=str(path)))
+        return {"path": reply.path, "step": reply.step}
+
+    def wait_ready(self, timeout: float = 5.0) -> None:
+        """Block until the channel has connected (TimeoutError otherwise)."""
+        wait_ready(self._channel, timeout)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Send everything queued and wait for the server's reply.
+
+        When it returns True, the server has taken every observation queued
+        before the call (learning on them may still be running).
+        """
+        marker = _Flush()
+        self._outbox.put(marker, marker=True)
+        return marker.done.wait(timeout) and marker.ok
+
+    @property
+    def degraded(self) -> bool:
+        """Whether the server is currently considered unreachable."""
+        return self._down
+
+    def close(self, flush_timeout: float = 2.0) -> None:
+        """Send what is queued (if the server is reachable), then stop."""
+        if self._closed.is_set():
+            return
+        if not self._down:
+            self.flush(flush_timeout)
+        self._closed.set()
+        left = self._outbox.close()
+        dropped = sum(1 for item in left if not isinstance(item, _Flush))
+        for item in left:
+            if isinstance(item, _Flush):
+                item.resolve(False)
+        if dropped:
+            self.counters.add("observations_dropped", dropped)
+            logger.warning(
+                "cerebellum at %s: closed with %d observations unsent",
+                self.address,
+                dropped,
+            )
+        self._sender.join(timeout=self.deadline_s + self.stream_lifetime_s)
+        self._channel.close()
+
+    def __enter__(self) -> RemoteCerebellum:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # Internals --------------------------------------------------------------------
+
+    def _control(self, method: str, request: Any) -> Any:
+        try:
+            return call(
+                getattr(self._stub, method),
+                request,
+                deadline_s=self.control_deadline_s,
+                retries=self.retries,
+                backoff_s=self.backoff_s,
+                max_backoff_s=self.max_backoff_s,
+            )
+        except grpc.RpcError as error:
+            if error.code() in RETRYABLE_CODES:
+                raise ConnectionError(
+                    f"{method}: cerebellum at {self.address} unreachable "
+                    f"({error.code().name}: {error.details()})"
+                ) from error
+            raise _exception(error, method) from error
+
+    def _mark_down(self, reason: str) -> None:
+        with self._state_lock:
+            if self._down:
+                return
+            self._down = True
+            self._degraded_in_outage = 0
+        self.counters.add("outages")
+        logger.warning(
+            "cerebellum at %s unreachable (%s); going on without predicted "
+            "feedback until it is back",
+            self.address,
+            reason,
+        )
+
+    def _mark_up(self) -> None:
+        with self._state_lock:
+            if not self._down:
+                return
+            self._down = False
+            degraded = self._degraded_in_outage
+        logger.info(
+            "cerebellum at %s reachable again after %d degraded predict calls",
+            self.address,
+            degraded,
+        )
+
+    def _send_loop(self) -> None:
+        while True:
+            first = self._outbox.take(None, timeout=None)
+            if first is None:
+                return
+            stream = _Stream()
+            ok = self._run_stream(first, stream)
+            for marker in stream.flushes:
+                marker.resolve(ok)
+            if not ok and not self._reconnect():
+                return
+
+    def _reconnect(self) -> bool:
+        """Wait, backing off, until the channel connects; False once closed.
+
+        The next stream opens only on a connected channel, so an outage does not
+        cost an observation per attempt.
+        """
+        backoff = self.backoff_s
+        while not self._closed.is_set():
+            try:
+                wait_ready(self._channel, timeout=backoff)
+            except TimeoutError:
+                backoff = min(self.max_backoff_s, backoff * 2)
+                continue
+            return True
+        return False
+
+    def _run_stream(self, first: Any, stream: _Stream) -> bool:
+        """Send one Learn stream starting with ``first``; return whether it ended OK."""
+        if isinstance(first, _Flush):
+            stream.flushes.append(first)
+            return True
+        self.counters.add("learn_streams")
+        try:
+            reply = self._stub.Learn(
+                self._frames(first, stream),
+                timeout=self.stream_lifetime_s + self.deadline_s,
+            )
+        except grpc.RpcError as error:
+            self._outbox.end(stream)
+            self.counters.add("learn_stream_failures")
+            self.counters.add("observations_lost", stream.sent)
+            if error.code() in RETRYABLE_CODES:
+                self._mark_down(f"Learn: {error.code().name}: {error.details()}")
+            else:
+                logger.warning(
+                    "cerebellum at %s refused a Learn stream (%s: %s); %d "
+                    "observations in it are lost",
+                    self.address,
+                    error.code().name,
+                    error.details(),
+                    stream.sent,
+                )
+            return False
+        self._outbox.end(stream)
+        self._mark_up()
+        with self._state_lock:
+            self._warned_full = False
+        self.counters.add("observations_sent", stream.sent)
+        self.counters.add("accepted", reply.accepted)
+        self.counters.add("cache_misses", reply.cache_misses)
+        self.counters.add("rejected", reply.rejected)
+        return True
+
+    def _frames(self, first: list, stream: _Stream):
+        """The frames of one stream: ends at a flush marker, close or lifetime."""
+        ends = time.monotonic() + self.stream_lifetime_s
+        item = first
+        while item is not None:
+            if isinstance(item, _Flush):
+                stream.flushes.append(item)
+                return
+            # Counted before the frames go: a stream that fails from here on
+            # may or may not have delivered them, and they count as lost.
+            stream.sent += 1
+            yield from item
+            remaining = ends - time.monotonic()
+            if remaining <= 0:
+                return
+            item = self._outbox.take(stream, timeout=remaining)
+
+
+def _pack(config: Mapping[str, Any]) -> bytes:
+    return msgpack.packb(config, use_bin_type=True)
+
+
+def _exception(error: grpc.RpcError, method: str) -> Exception:
+    """The Python exception for a refused call, as LocalCerebellum would raise."""
+    code, details = error.code(), error.details()
+    if code == grpc.StatusCode.NOT_FOUND:
+        return KeyError(f"{method}: {details}")
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
+        return ValueError(f"{method}: {code.name}: {details}")
+    return RuntimeError(f"{method}: {code.name}: {details}")
