@@ -111,6 +111,34 @@ def window_bounds(seq_len: int, truncation: int) -> Iterator[tuple[int, int]]:
         yield start, min(start + truncation, seq_len)
 
 
+def build_chunk(
+    index: int,
+    chunks: int,
+    input_size: int,
+    hidden_size: int,
+    output_size: int,
+    layers_per_chunk: int = 1,
+    dropout: float = 0.0,
+    seed: int = 0,
+) -> CorticalChunk:
+    """Chunk ``index`` of a cortex cut into ``chunks`` chunks, seeded on its own.
+
+    Seeding each chunk by its index makes chunk ``index`` identical whether it is
+    built in one process with all the others or alone inside its own actor.
+    """
+    if not 0 <= index < chunks:
+        raise ValueError(f"chunk index {index} outside 0..{chunks - 1} (--chunks)")
+    torch.manual_seed(seed * 1009 + index)
+    last = index == chunks - 1
+    return CorticalChunk(
+        input_size if index == 0 else hidden_size,
+        hidden_size,
+        layers_per_chunk,
+        output_size if last else None,
+        dropout if last else 0.0,
+    )
+
+
 def build_chunks(
     input_size: int,
     hidden_size: int,
@@ -120,22 +148,17 @@ def build_chunks(
     dropout: float = 0.0,
     seed: int = 0,
 ) -> list[CorticalChunk]:
-    """The cortical network cut into ``chunks`` chunks, each seeded on its own.
-
-    Seeding each chunk by its index makes chunk ``k`` identical whether it is built
-    in one process with all the others or alone inside its own actor.
-    """
-    result = []
-    for index in range(chunks):
-        torch.manual_seed(seed * 1009 + index)
-        last = index == chunks - 1
-        result.append(
-            CorticalChunk(
-                input_size if index == 0 else hidden_size,
-                hidden_size,
-                layers_per_chunk,
-                output_size if last else None,
-                dropout if last else 0.0,
-            )
+    """The cortical network cut into ``chunks`` chunks (see :func:`build_chunk`)."""
+    return [
+        build_chunk(
+            index,
+            chunks,
+            input_size,
+            hidden_size,
+            output_size,
+            layers_per_chunk,
+            dropout,
+            seed,
         )
-    return result
+        for index in range(chunks)
+    ]

@@ -19,6 +19,7 @@ the work in flight between two chunks.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -288,8 +289,10 @@ class ChunkRuntime:
         below: Neighbour | None = None,
         above: Neighbour | None = None,
         cerebellum: FeedbackPredictor | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.spec = spec
+        self.device = torch.device(device)
         self.learner = learner
         self.kind = kind
         self.seq_len = seq_len
@@ -312,14 +315,21 @@ class ChunkRuntime:
 
     def _wait(self, mailbox: Mailbox, key: ActivityKey, phase: str) -> torch.Tensor:
         with self.timeline.span(phase, key.batch, key.window, key.micro_batch):
-            return mailbox.take(mail_key(key), timeout=self.spec.wait_timeout)
+            value = mailbox.take(mail_key(key), timeout=self.spec.wait_timeout)
+        return value.to(self.device, non_blocking=True)
 
     def _predict(self, queries: list[Query]) -> list[torch.Tensor | None]:
         if self.cerebellum is None or not queries:
             return [None] * len(queries)
         key = queries[0].key
+        if self.device.type != "cpu":
+            queries = [_query_on_host(q) for q in queries]
         with self.timeline.span("predict", key.batch, key.window, key.micro_batch):
             predictions = self.cerebellum.predict(queries)
+        predictions = [
+            None if p is None else p.to(self.device, non_blocking=True)
+            for p in predictions
+        ]
         if any(p is None for p in predictions):
             self.degraded_windows += 1
             if not self._warned_degraded:
@@ -336,6 +346,8 @@ class ChunkRuntime:
 
     def _observe(self, observations: list[Observation]) -> None:
         if self.cerebellum is not None and observations:
+            if self.device.type != "cpu":
+                observations = [_observation_on_host(o) for o in observations]
             self.cerebellum.observe(observations)
 
     def _micro_rows(self, size: int) -> list[slice]:
@@ -347,12 +359,13 @@ class ChunkRuntime:
 
     def run_batch(self, step: int, batch: Batch) -> StepResult:
         """Every window of one batch; updates as the configuration says."""
+        batch = batch_to(batch, self.device)
         size = batch.inputs.shape[0]
         unit = float(size)  # feedback per example, as in the in-process trainer
         normaliser = batch.mask.sum().clamp_min(1)
         rows = self._micro_rows(size)
         chunk = self.learner.chunk
-        states = [chunk.initial_state(r.stop - r.start) for r in rows]
+        states = [chunk.initial_state(r.stop - r.start, self.device) for r in rows]
         bounds = list(window_bounds(self.seq_len, self.truncation))
         degraded_before = self.degraded_windows
         total_loss = 0.0
@@ -391,7 +404,7 @@ class ChunkRuntime:
     def _send_up(self, key: ActivityKey, wp: WindowPass) -> None:
         if self.spec.last:
             return
-        hidden = wp.hidden.detach()
+        hidden = to_host(wp.hidden.detach())
         if self.spec.forward_unlock:
             # The chunk above runs on predicted input; the real activity teaches
             # its input microzone (a regression onto activity, not feedback).
@@ -499,7 +512,7 @@ class ChunkRuntime:
                 )
             elif self.below is not None:
                 with self.timeline.span("send", key.batch, key.window, key.micro_batch):
-                    self.below.send_feedback(below_key, input_grad)
+                    self.below.send_feedback(below_key, to_host(input_grad))
         self._observe(observations)
         return 0.0 if loss is None else float(loss.detach())
 
@@ -508,3 +521,31 @@ class ChunkRuntime:
             self.learner.step()
             if self.cerebellum is not None:
                 self.cerebellum.update()
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy for the wire; from a GPU through pinned memory."""
+    if tensor.device.type == "cpu":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    torch.cuda.current_stream(tensor.device).synchronize()
+    return host
+
+
+def batch_to(batch: Batch, device: torch.device) -> Batch:
+    if device.type == "cpu":
+        return batch
+    move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+    return Batch(
+        move(batch.inputs), move(batch.targets), move(batch.mask), move(batch.context)
+    )
+
+
+def _query_on_host(query: Query) -> Query:
+    context = None if query.context is None else to_host(query.context)
+    return Query(query.zone, query.key, to_host(query.activity), context)
+
+
+def _observation_on_host(observation: Observation) -> Observation:
+    return dataclasses.replace(observation, feedback=to_host(observation.feedback))

@@ -58,3 +58,34 @@ class BatchStream:
             F.one_hot(data.labels, self.n_labels).float() if self.context else None
         )
         return Batch(data.inputs, data.targets, data.mask, context)
+
+
+class BatchSource:
+    """A picklable recipe for a run's batches, rebuilt inside each actor.
+
+    Calling it loads the task from its seed and returns ``step -> Batch``.
+    """
+
+    def __init__(
+        self,
+        task: str,
+        seed: int,
+        batch_size: int,
+        data_dir: str | None = None,
+        n_train: int | None = None,
+        context: bool = False,
+    ) -> None:
+        self.task = task
+        self.seed = seed
+        self.batch_size = batch_size
+        self.data_dir = data_dir
+        self.n_train = n_train
+        self.context = context
+
+    def __call__(self):
+        from orchestrator.tasks.registry import load_task
+
+        task = load_task(
+            self.task, seed=self.seed, data_dir=self.data_dir, n_train=self.n_train
+        )
+        return BatchStream(task, self.batch_size, self.seed, self.context).batch

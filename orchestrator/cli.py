@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cortex_service.runtime import SCHEDULES
 from orchestrator.config import (
     MODELS,
     UPDATES,
@@ -83,6 +84,76 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_distributed_options(parser: argparse.ArgumentParser) -> None:
+    """Options of a distributed run (chunks and cerebellum as Ray actors)."""
+    group = parser.add_argument_group("distributed (Ray actors, gRPC between them)")
+    group.add_argument(
+        "--distributed", action="store_true", help="run each chunk as a Ray actor"
+    )
+    group.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="decoupled",
+        help="how chunks wait for each other (default decoupled)",
+    )
+    group.add_argument("--micro-batches", type=int, default=1, help="M for pipelined")
+    group.add_argument(
+        "--forward-unlock",
+        action="store_true",
+        help="chunks above the first run on input predicted by the cerebellum",
+    )
+    group.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=2,
+        help="windows between two chunks before the sender stalls (default 2)",
+    )
+    group.add_argument("--steps", type=int, help="batches to train (default: epochs)")
+    group.add_argument(
+        "--ray-address",
+        help="join this Ray cluster ('auto' under ray job submit); "
+        "default: start a local one",
+    )
+    group.add_argument(
+        "--cpus-per-actor",
+        type=float,
+        default=0.5,
+        help="CPU share reserved per actor without GPUs (default 0.5)",
+    )
+    group.add_argument(
+        "--gpus",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one GPU per actor (default: when the cluster has enough)",
+    )
+    group.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=50,
+        help="steps between checkpoints (default 50; 0: only at the start)",
+    )
+    group.add_argument(
+        "--resume", help="continue the distributed run in this directory"
+    )
+
+
+def distributed_from_args(args: argparse.Namespace):
+    from orchestrator.cluster import DistributedConfig
+
+    return DistributedConfig(
+        schedule=args.schedule,
+        micro_batches=args.micro_batches,
+        forward_unlock=args.forward_unlock,
+        max_in_flight=args.max_in_flight,
+        steps=args.steps,
+        ray_address=args.ray_address,
+        cpus_per_actor=args.cpus_per_actor,
+        gpus=args.gpus,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+    )
+
+
 def config_from_args(args: argparse.Namespace, **fixed: Any) -> TrainConfig:
     """Task defaults, then the flags given on the command line."""
     names = (
@@ -118,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         "learning from epoch E (repeatable)",
     )
     train.add_argument("--out", required=True, help="run directory to write")
+    add_distributed_options(train)
 
     compare = commands.add_parser("compare", help="ccRNN vs cRNN vs BPTT over seeds")
     add_training_options(compare)
@@ -142,6 +214,33 @@ def _train(args: argparse.Namespace) -> int:
     from orchestrator.trainer import Trainer
 
     config = config_from_args(args, model=args.model, seed=args.seed)
+    if args.resume and not args.distributed:
+        raise ConfigError("--resume continues a distributed run: add --distributed")
+    if args.distributed:
+        from orchestrator.cluster import train_distributed
+
+        dist = distributed_from_args(args)
+        task = load_task(
+            config.task,
+            seed=config.seed,
+            data_dir=config.data_dir,
+            n_train=config.n_train,
+        )
+        summary = train_distributed(
+            config, dist, task, args.out, progress=not args.no_progress
+        )
+        logger.info(
+            "%s/%s on %d chunks: %.2f steps/s, validation loss %.4f, %s %.4f; wrote %s",
+            config.task,
+            dist.schedule,
+            config.chunks,
+            summary["steps_per_second"],
+            summary["validation_loss"],
+            summary["metric_name"],
+            summary["validation_metric"],
+            args.out,
+        )
+        return 0
     task = load_task(
         config.task, seed=config.seed, data_dir=config.data_dir, n_train=config.n_train
     )

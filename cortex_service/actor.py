@@ -1,0 +1,306 @@
+"""One cortical chunk as a Ray actor: its network, its gRPC server, its loop.
+
+The orchestrator creates the actor inside a placement-group bundle (one GPU where
+the cluster has them), asks for its address, wires its neighbours and the
+cerebellum, and calls :meth:`ChunkActor.run`. From then on the actor talks to its
+neighbours directly over gRPC; the driver only watches, checkpoints and collects.
+
+The class is plain Python (the orchestrator applies ``ray.remote``), so the
+chunk can also be driven without Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from cerebellum_service.actor import node_address
+from cortex_service.learning import ChunkLearner
+from cortex_service.network import build_chunk
+from cortex_service.runtime import Aborted, Batch, ChunkRuntime, ChunkSpec, Mailbox
+from cortex_service.servicer import CortexServicer, GrpcNeighbour
+from protos import ccdni_pb2_grpc as pb_grpc
+from protos import checkpoint as ckpt
+from protos.service import ClientSecurity, ServerSecurity, start_server
+
+logger = logging.getLogger(__name__)
+
+
+def chunk_name(index: int) -> str:
+    return f"chunk-{index}"
+
+
+@dataclass
+class ChunkActorSpec:
+    """Everything a chunk actor needs, sent once at creation (picklable).
+
+    Attributes:
+        spec: position and schedule of the chunk.
+        sizes: input_size, hidden_size, output_size, layers_per_chunk, dropout.
+        seed: the run's seed (chunk weights and data order).
+        lr, clip, update, kind, seq_len, truncation: the learning settings.
+        batches: builds the run's batch source (``step -> Batch``) inside the actor.
+        token: the run's secret; every gRPC call carries it.
+        checkpoint_dir: where checkpoints go; ``None`` for none.
+        checkpoint_every: steps between checkpoints (0: none).
+        max_in_flight: windows a mailbox holds before the sender stalls.
+        threads: torch threads of this actor (CPU).
+        cerebellum_factory: builds the cerebellum client from an address.
+    """
+
+    spec: ChunkSpec
+    sizes: dict[str, Any]
+    seed: int
+    lr: float
+    clip: float
+    update: str
+    kind: str
+    seq_len: int
+    truncation: int
+    batches: Callable[[], Callable[[int], Batch]]
+    token: str
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    max_in_flight: int = 2
+    threads: int = 1
+    host: str | None = None
+    cerebellum_factory: Callable[[str, str], Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ChunkActor:
+    """A chunk's process. See the module docstring."""
+
+    def __init__(self, config: ChunkActorSpec) -> None:
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        torch.set_num_threads(config.threads)
+        self.config = config
+        self.index = config.spec.index
+        self.name = chunk_name(self.index)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        sizes = config.sizes
+        torch.manual_seed(0)  # build_chunk seeds itself; this only fixes other draws
+        self.chunk = build_chunk(
+            self.index,
+            config.spec.chunks,
+            sizes["input_size"],
+            sizes["hidden_size"],
+            sizes["output_size"],
+            sizes["layers_per_chunk"],
+            sizes["dropout"],
+            config.seed,
+        ).to(self.device)
+        self.learner = ChunkLearner(self.chunk, config.lr, config.clip or None)
+        capacity = config.max_in_flight * config.spec.micro_batches
+        self.activity_in = Mailbox(capacity, f"{self.name}.activity_in")
+        self.feedback_in = Mailbox(capacity, f"{self.name}.feedback_in")
+        self.servicer = CortexServicer(
+            self.index,
+            self.chunk.input_size,
+            self.chunk.hidden_size,
+            self.activity_in,
+            self.feedback_in,
+            checkpoint=self._checkpoint_to_path,
+            restore=self._restore_from_path,
+        )
+        host = config.host or node_address()
+        self.server = start_server(
+            lambda s: pb_grpc.add_CortexServicer_to_server(self.servicer, s),
+            security=ServerSecurity(token=config.token),
+            service_names=["ccdni.v1.Cortex"],
+            host=host,
+        )
+        self.batches = config.batches()
+        self.runtime: ChunkRuntime | None = None
+        self.step = 0
+        self.losses: dict[int, float] = {}
+        self.restarts = int(os.environ.get("CCDNI_ACTOR_RESTARTS", "0"))
+        self._running = threading.Event()
+        logger.info(
+            "%s serving on %s (device %s)", self.name, self.server.address, self.device
+        )
+
+    # Wiring ------------------------------------------------------------------------
+
+    def address(self) -> str:
+        return self.server.address
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def connect(
+        self, below: str | None, above: str | None, cerebellum: str | None
+    ) -> None:
+        """Open clients to the neighbours and the cerebellum; build the runtime."""
+        security = ClientSecurity(token=self.config.token)
+        self._close_peers()
+        below_peer = GrpcNeighbour(below, security) if below else None
+        above_peer = GrpcNeighbour(above, security) if above else None
+        self.runtime = ChunkRuntime(
+            self.config.spec,
+            self.learner,
+            self.config.kind,
+            self.config.seq_len,
+            self.config.truncation,
+            self.config.update,
+            activity_in=self.activity_in,
+            feedback_in=self.feedback_in,
+            below=below_peer,
+            above=above_peer,
+            cerebellum=self._cerebellum_client(cerebellum),
+            device=self.device,
+        )
+
+    def set_cerebellum(self, address: str | None) -> None:
+        """Point predictions and learning at a (restarted) cerebellum."""
+        if self.runtime is None:
+            raise RuntimeError(f"{self.name}: connect() first")
+        old = self.runtime.cerebellum
+        self.runtime.cerebellum = self._cerebellum_client(address)
+        if old is not None and hasattr(old, "close"):
+            old.close()
+
+    def _cerebellum_client(self, address: str | None):
+        if not address or self.config.cerebellum_factory is None:
+            return None
+        return self.config.cerebellum_factory(address, self.config.token)
+
+    def _close_peers(self) -> None:
+        if self.runtime is None:
+            return
+        for peer in (self.runtime.below, self.runtime.above):
+            if peer is not None:
+                peer.channel.close()
+
+    # Running -----------------------------------------------------------------------
+
+    def run(self, start: int, stop: int) -> dict[str, Any]:
+        """Train steps ``start`` to ``stop - 1``; checkpoint on the way.
+
+        Returns what the driver collects: per-step losses (last chunk), how many
+        steps ran, the degraded windows, whether the run was aborted.
+        """
+        if self.runtime is None:
+            raise RuntimeError(f"{self.name}: connect() before run()")
+        self._running.set()
+        aborted = False
+        degraded = 0
+        self.step = start
+        try:
+            for step in range(start, stop):
+                result = self.runtime.run_batch(step, self.batches(step))
+                degraded += result.degraded_windows
+                if result.loss is not None:
+                    self.losses[step] = result.loss
+                self.step = step + 1
+                every = self.config.checkpoint_every
+                if every and self.config.checkpoint_dir and self.step % every == 0:
+                    self.save_checkpoint(self.step)
+            for peer in (self.runtime.below, self.runtime.above):
+                if peer is not None:
+                    peer.flush()
+        except Aborted:
+            aborted = True
+            logger.info("%s: aborted at step %d", self.name, self.step)
+        finally:
+            self._running.clear()
+        return {
+            "chunk": self.index,
+            "start": start,
+            "steps_done": self.step,
+            "aborted": aborted,
+            "degraded_windows": degraded,
+        }
+
+    def abort(self) -> None:
+        """Stop a running loop (it raises out of any wait)."""
+        self.activity_in.abort()
+        self.feedback_in.abort()
+
+    def progress(self) -> dict[str, Any]:
+        runtime = self.runtime
+        return {
+            "step": self.step,
+            "running": self._running.is_set(),
+            "last_loss": self.losses.get(self.step - 1),
+            "degraded_windows": 0 if runtime is None else runtime.degraded_windows,
+            "activity_depth": len(self.activity_in),
+            "feedback_depth": len(self.feedback_in),
+        }
+
+    def results(self, since: int = 0) -> dict[str, Any]:
+        """Losses from step ``since`` on and the timeline (for reports)."""
+        runtime = self.runtime
+        return {
+            "losses": {s: v for s, v in self.losses.items() if s >= since},
+            "timeline": [] if runtime is None else list(runtime.timeline.events),
+            "timeline_origin": None if runtime is None else runtime.timeline.origin,
+            "wall_origin": time.time() - time.perf_counter(),
+            "stalls": self.activity_in.stalls + self.feedback_in.stalls,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v.cpu() for k, v in self.chunk.state_dict().items()}
+
+    # Checkpoints -------------------------------------------------------------------
+
+    def save_checkpoint(self, step: int) -> int:
+        state = {
+            "chunk": self.state_dict(),
+            "optimizer": self.learner.optimizer.state_dict(),
+            "step": step,
+        }
+        _, size = ckpt.save_state(self.config.checkpoint_dir, step, self.name, state)
+        return size
+
+    def restore(self, step: int) -> int:
+        """Load this chunk's checkpoint of ``step``; clear everything in flight."""
+        state = ckpt.load_state(
+            ckpt.step_dir(self.config.checkpoint_dir, step), self.name
+        )
+        self._load(state)
+        return step
+
+    def _load(self, state: dict[str, Any]) -> None:
+        self.chunk.load_state_dict(state["chunk"])
+        self.learner.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.losses = {s: v for s, v in self.losses.items() if s < self.step}
+        self.activity_in.reset()
+        self.feedback_in.reset()
+        self.servicer.reset()
+
+    def _checkpoint_to_path(self, path: str) -> tuple[str, int, int]:
+        import io
+
+        buffer = io.BytesIO()
+        torch.save(
+            {
+                "chunk": self.state_dict(),
+                "optimizer": self.learner.optimizer.state_dict(),
+                "step": self.step,
+            },
+            buffer,
+        )
+        from pathlib import Path
+
+        ckpt.atomic_write(Path(path), buffer.getvalue())
+        return path, self.step, len(buffer.getvalue())
+
+    def _restore_from_path(self, path: str) -> int:
+        self._load(torch.load(path, weights_only=False))
+        return self.step
+
+    def shutdown(self) -> None:
+        self.abort()
+        self._close_peers()
+        self.server.stop(grace=1.0)

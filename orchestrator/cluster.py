@@ -1,0 +1,674 @@
+"""Distributed training on Ray: chunks and the cerebellum as actors.
+
+The driver reserves one placement-group bundle per actor (a GPU each where the
+cluster has GPUs, fractional CPUs otherwise), starts the actors, hands each the
+addresses of its neighbours, the cerebellum's and the run's secret token, and
+lets them run. It then only watches: progress, evaluations, checkpoints, and
+faults. A dead chunk is restarted by Ray; the driver restores the newest complete
+checkpoint on every actor, re-wires and continues. A dead cerebellum leaves the
+chunks in degraded mode until Ray brings it back, when the driver restores its
+checkpoint and points the chunks at it again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from cortex_service.actor import ChunkActor, ChunkActorSpec, chunk_name
+from cortex_service.runtime import SCHEDULES, ChunkSpec
+from orchestrator.batches import BatchSource, BatchStream
+from orchestrator.config import ConfigError, TrainConfig
+from orchestrator.tasks.base import TaskData
+from orchestrator.zones import zone_specs
+from protos import checkpoint as ckpt
+
+logger = logging.getLogger(__name__)
+
+CEREBELLUM = "cerebellum"
+RAY_DEFAULTS = {
+    # One machine: bind to loopback, report nothing home, no cluster token.
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+}
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """How the chunks are laid out and scheduled; see ``ccdni train --help``.
+
+    Attributes:
+        schedule: locked, pipelined or decoupled.
+        micro_batches: M for pipelined.
+        forward_unlock: chunks above the first run on predicted input.
+        max_in_flight: windows between two chunks before the sender stalls.
+        steps: batches to train (default: the configuration's epochs).
+        ray_address: ``None`` starts a local cluster; ``auto`` or an address joins.
+        cpus_per_actor: CPU share reserved per actor where there are no GPUs.
+        gpus: ``None`` uses one GPU per actor when the cluster has enough.
+        checkpoint_every: steps between checkpoints (0: only at the start).
+        resume: a run directory to continue from its newest complete checkpoint.
+        max_restarts: restarts Ray grants each actor.
+    """
+
+    schedule: str = "decoupled"
+    micro_batches: int = 1
+    forward_unlock: bool = False
+    max_in_flight: int = 2
+    steps: int | None = None
+    ray_address: str | None = None
+    cpus_per_actor: float = 0.5
+    gpus: bool | None = None
+    checkpoint_every: int = 50
+    resume: str | None = None
+    max_restarts: int = 3
+    wait_timeout: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(
+                f"--schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}"
+            )
+        if self.micro_batches < 1:
+            raise ConfigError(
+                f"--micro-batches must be at least 1, got {self.micro_batches}"
+            )
+        if self.schedule != "pipelined" and self.micro_batches != 1:
+            raise ConfigError(
+                f"--micro-batches {self.micro_batches} needs --schedule pipelined"
+            )
+        if self.forward_unlock and self.schedule != "decoupled":
+            raise ConfigError("--forward-unlock needs --schedule decoupled")
+        if self.max_in_flight < 1:
+            raise ConfigError(
+                f"--max-in-flight must be at least 1, got {self.max_in_flight}"
+            )
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"--steps must be at least 1, got {self.steps}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(
+                f"--checkpoint-every must be 0 or more, got {self.checkpoint_every}"
+            )
+        if not 0 < self.cpus_per_actor <= 64:
+            raise ConfigError(
+                f"--cpus-per-actor must be in (0, 64], got {self.cpus_per_actor}"
+            )
+
+
+def connect_ray(address: str | None) -> None:
+    """Join the cluster at ``address``, or start a local one when it is ``None``."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    for name, value in RAY_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    if address is None:
+        logger.info("starting a local Ray cluster")
+        ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+    else:
+        logger.info("joining the Ray cluster at %s", address)
+        ray.init(address=address, configure_logging=False)
+
+
+def make_remote_cerebellum(address: str, token: str):
+    """The cerebellum client a chunk actor uses (picklable by reference)."""
+    from cerebellum_service.client import RemoteCerebellum
+    from protos.service import ClientSecurity
+
+    return RemoteCerebellum(address, ClientSecurity(token=token))
+
+
+@dataclass
+class RunRecord:
+    """What the driver collected about a run."""
+
+    steps: int = 0
+    wall_seconds: float = 0.0
+    losses: dict[int, float] = field(default_factory=dict)
+    restarts: int = 0
+    repeated_steps: int = 0
+    cerebellum_restarts: int = 0
+    degraded_windows: int = 0
+    curve: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Cluster:
+    """The actors of one distributed run and the driver's side of it.
+
+    Args:
+        config: the training configuration (``config.chunks`` chunks).
+        dist: layout and schedule.
+        task: the task (the driver evaluates on it).
+        out: the run directory (checkpoints go to ``out/checkpoints``).
+    """
+
+    def __init__(
+        self, config: TrainConfig, dist: DistributedConfig, task: TaskData, out: Path
+    ) -> None:
+        self.config = config
+        self.dist = dist
+        self.task = task
+        self.out = Path(out)
+        self.checkpoint_dir = str((self.out / "checkpoints").resolve())
+        self.run_id = f"run-{secrets.token_hex(4)}"
+        self.token = secrets.token_urlsafe(32)
+        self.truncation = config.effective_truncation(task.seq_len)
+        self.stream = BatchStream(task, config.batch_size, config.seed, config.context)
+        self.zone_specs = zone_specs(
+            config,
+            _chunk_shapes(config, task),
+            dist.schedule,
+            dist.forward_unlock,
+            int(task.train.labels.max()) + 1 if config.context else 0,
+        )
+        self.uses_cerebellum = bool(self.zone_specs)
+        self.chunks: list[Any] = []
+        self.cerebellum: Any = None
+        self.cerebellum_address: str | None = None
+        self.placement_group = None
+        self.record = RunRecord()
+        self._cerebellum_checkpoint = 0
+
+    # Start-up ----------------------------------------------------------------------
+
+    @property
+    def actor_names(self) -> list[str]:
+        names = [chunk_name(k) for k in range(self.config.chunks)]
+        return names + ([CEREBELLUM] if self.uses_cerebellum else [])
+
+    def start(self) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        connect_ray(self.dist.ray_address)
+        bundles, use_gpus = self._bundles()
+        self.placement_group = placement_group(bundles, strategy="PACK")
+        if not self.placement_group.wait(timeout_seconds=60):
+            ray.util.remove_placement_group(self.placement_group)
+            raise ConfigError(
+                f"the Ray cluster could not place {len(bundles)} actors of "
+                f"{bundles[0]} within 60 s (it has {ray.available_resources()}); "
+                "lower --chunks or --cpus-per-actor, or add nodes"
+            )
+
+        def strategy(index: int):
+            return PlacementGroupSchedulingStrategy(
+                self.placement_group, placement_group_bundle_index=index
+            )
+
+        resources = dict(
+            num_cpus=bundles[0].get("CPU", 0), num_gpus=1 if use_gpus else 0
+        )
+        chunk_class = ray.remote(ChunkActor)
+        self.chunks = [
+            chunk_class.options(
+                name=f"{self.run_id}-{chunk_name(k)}",
+                max_restarts=self.dist.max_restarts,
+                max_task_retries=0,
+                max_concurrency=8,
+                scheduling_strategy=strategy(k),
+                **resources,
+            ).remote(self._chunk_spec(k))
+            for k in range(self.config.chunks)
+        ]
+        if self.uses_cerebellum:
+            from cerebellum_service.actor import CerebellumActor
+
+            self.cerebellum = (
+                ray.remote(CerebellumActor)
+                .options(
+                    name=f"{self.run_id}-{CEREBELLUM}",
+                    max_restarts=self.dist.max_restarts,
+                    max_task_retries=0,
+                    max_concurrency=4,
+                    scheduling_strategy=strategy(self.config.chunks),
+                    **resources,
+                )
+                .remote(self._cerebellum_spec())
+            )
+        self.wire()
+        logger.info(
+            "%d chunk actors%s placed (%s each); schedule %s",
+            self.config.chunks,
+            " and a cerebellum" if self.uses_cerebellum else "",
+            bundles[0],
+            self.dist.schedule,
+        )
+
+    def _bundles(self) -> tuple[list[dict[str, float]], bool]:
+        import ray
+
+        count = self.config.chunks + (1 if self.uses_cerebellum else 0)
+        total = ray.cluster_resources()
+        gpus = int(total.get("GPU", 0))
+        use_gpus = self.dist.gpus if self.dist.gpus is not None else gpus >= count
+        if use_gpus and gpus < count:
+            raise ConfigError(
+                f"--gpus asks for one GPU per actor ({count} actors: "
+                f"{self.config.chunks} chunks and the cerebellum) but the cluster has "
+                f"{gpus}; lower --chunks or drop --gpus"
+            )
+        cpus = self.dist.cpus_per_actor
+        if not use_gpus and total.get("CPU", 0) < cpus * count:
+            raise ConfigError(
+                f"{count} actors of {cpus} CPU need {cpus * count} CPUs; the cluster "
+                f"has {total.get('CPU', 0)}: lower --cpus-per-actor or --chunks"
+            )
+        bundle = {"CPU": cpus, "GPU": 1} if use_gpus else {"CPU": cpus}
+        return [dict(bundle) for _ in range(count)], use_gpus
+
+    def _chunk_spec(self, index: int) -> ChunkActorSpec:
+        config, task = self.config, self.task
+        return ChunkActorSpec(
+            spec=ChunkSpec(
+                index=index,
+                chunks=config.chunks,
+                schedule=self.dist.schedule,
+                micro_batches=self.dist.micro_batches,
+                forward_unlock=self.dist.forward_unlock,
+                temporal=config.uses_cerebellum,
+                feedback_scale=config.feedback_scale,
+                run=self.run_id,
+                wait_timeout=self.dist.wait_timeout,
+            ),
+            sizes=dict(
+                input_size=task.input_size,
+                hidden_size=config.hidden_size,
+                output_size=task.output_size,
+                layers_per_chunk=config.layers_per_chunk,
+                dropout=config.dropout,
+            ),
+            seed=config.seed,
+            lr=config.lr,
+            clip=config.clip,
+            update=config.update,
+            kind=task.kind,
+            seq_len=task.seq_len,
+            truncation=self.truncation,
+            batches=BatchSource(
+                config.task,
+                config.seed,
+                config.batch_size,
+                config.data_dir,
+                config.n_train,
+                config.context,
+            ),
+            token=self.token,
+            checkpoint_dir=self.checkpoint_dir,
+            checkpoint_every=self.dist.checkpoint_every,
+            max_in_flight=self.dist.max_in_flight,
+            threads=config.threads,
+            cerebellum_factory=make_remote_cerebellum if self.uses_cerebellum else None,
+        )
+
+    def _cerebellum_spec(self) -> dict[str, Any]:
+        return {
+            "zones": [
+                dict(name=name, **spec) for name, spec in self.zone_specs.items()
+            ],
+            "lr": self.config.cerebellum_lr,
+            "token": self.token,
+            "threads": self.config.threads,
+        }
+
+    def wire(self) -> None:
+        """Ask every actor for its address and hand each its neighbours'."""
+        import ray
+
+        addresses = ray.get([c.address.remote() for c in self.chunks])
+        if self.cerebellum is not None:
+            self.cerebellum_address = ray.get(self.cerebellum.address.remote())
+        calls = []
+        for index, actor in enumerate(self.chunks):
+            below = addresses[index - 1] if index > 0 else None
+            above = addresses[index + 1] if index + 1 < len(addresses) else None
+            calls.append(actor.connect.remote(below, above, self.cerebellum_address))
+        ray.get(calls)
+        logger.debug(
+            "wired chunks %s, cerebellum %s", addresses, self.cerebellum_address
+        )
+
+    # Checkpoints -------------------------------------------------------------------
+
+    def save_checkpoint(self, step: int) -> None:
+        """Every actor writes its state of ``step`` (the run is between steps)."""
+        import ray
+
+        calls = [c.save_checkpoint.remote(step) for c in self.chunks]
+        if self.cerebellum is not None:
+            calls.append(
+                self.cerebellum.save_checkpoint.remote(self.checkpoint_dir, step)
+            )
+        ray.get(calls)
+
+    def restore_latest(self) -> int:
+        """Restore every actor from the newest complete checkpoint; its step."""
+        import ray
+
+        chunks = [chunk_name(k) for k in range(self.config.chunks)]
+        step = ckpt.latest_complete(self.checkpoint_dir, chunks)
+        if step is None:
+            raise RuntimeError(
+                f"no complete checkpoint in {self.checkpoint_dir} to restore from"
+            )
+        calls = [c.restore.remote(step) for c in self.chunks]
+        cerebellum_step = None
+        if self.cerebellum is not None:
+            # The driver checkpoints the cerebellum as the chunks pass each
+            # interval; take its newest checkpoint that is not ahead of theirs.
+            done = ckpt.complete_steps(self.checkpoint_dir, [CEREBELLUM])
+            cerebellum_step = next((s for s in done if s <= step), None)
+            if cerebellum_step is not None:
+                calls.append(
+                    self.cerebellum.restore.remote(self.checkpoint_dir, cerebellum_step)
+                )
+        ray.get(calls)
+        logger.info(
+            "restored the chunks from step %d (cerebellum from step %s)",
+            step,
+            cerebellum_step,
+        )
+        return step
+
+    # Running -----------------------------------------------------------------------
+
+    def run(
+        self,
+        start: int,
+        stop: int,
+        on_progress: Callable[[int, float | None], None] | None = None,
+        poll_s: float = 0.25,
+    ) -> RunRecord:
+        """Train steps ``start`` to ``stop - 1``, recovering from actor failures."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        started = time.perf_counter()
+        step = start
+        while step < stop:
+            refs = {c.run.remote(step, stop): k for k, c in enumerate(self.chunks)}
+            pending = list(refs)
+            failed: int | None = None
+            furthest = step
+            while pending and failed is None:
+                ready, pending = ray.wait(pending, timeout=poll_s)
+                for ref in ready:
+                    try:
+                        ray.get(ref)
+                    except RayActorError as error:
+                        failed = refs[ref]
+                        logger.warning("chunk %d failed: %s", failed, error)
+                self._watch_cerebellum()
+                furthest = max(furthest, self._report_progress(on_progress))
+                self._checkpoint_cerebellum(furthest)
+            if failed is None:
+                step = stop
+                break
+            step = self._recover(failed, pending, furthest)
+        self._collect()
+        self.record.wall_seconds += time.perf_counter() - started
+        self.record.steps = stop
+        return self.record
+
+    def _checkpoint_cerebellum(self, step: int) -> None:
+        every = self.dist.checkpoint_every
+        if self.cerebellum is None or not every:
+            return
+        due = step // every * every
+        if due > self._cerebellum_checkpoint:
+            self._cerebellum_checkpoint = due
+            self.cerebellum.save_checkpoint.remote(self.checkpoint_dir, due)
+
+    def _report_progress(self, on_progress) -> int:
+        import ray
+        from ray.exceptions import RayActorError
+
+        try:
+            progress = ray.get(self.chunks[-1].progress.remote(), timeout=10)
+        except (RayActorError, ray.exceptions.GetTimeoutError):
+            return 0
+        if on_progress is not None:
+            on_progress(progress["step"], progress["last_loss"])
+        return progress["step"]
+
+    def _recover(self, failed: int, pending: list, furthest: int) -> int:
+        import ray
+
+        self.record.restarts += 1
+        for index, actor in enumerate(self.chunks):
+            if index != failed:
+                actor.abort.remote()
+        ray.wait(pending, num_returns=len(pending), timeout=self.dist.wait_timeout)
+        self._await_alive(self.chunks[failed])
+        self.wire()
+        step = self.restore_latest()
+        repeated = max(0, furthest - step)
+        self.record.repeated_steps += repeated
+        logger.warning(
+            "chunk %d restarted; resuming from step %d (%d steps repeated)",
+            failed,
+            step,
+            repeated,
+        )
+        return step
+
+    def _await_alive(self, actor, timeout: float = 120.0) -> str:
+        import ray
+        from ray.exceptions import RayActorError
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return ray.get(actor.address.remote(), timeout=10)
+            except (RayActorError, ray.exceptions.GetTimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)  # Ray is restarting the actor; ask again
+
+    def _watch_cerebellum(self) -> None:
+        """Notice a restarted cerebellum; restore it and point the chunks at it."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        if self.cerebellum is None:
+            return
+        try:
+            address = ray.get(self.cerebellum.address.remote(), timeout=0.5)
+        except (RayActorError, ray.exceptions.GetTimeoutError):
+            return  # down or restarting: the chunks are in degraded mode meanwhile
+        if address == self.cerebellum_address:
+            return
+        self.record.cerebellum_restarts += 1
+        step = ckpt.latest_complete(self.checkpoint_dir, [CEREBELLUM])
+        if step is not None:
+            ray.get(self.cerebellum.restore.remote(self.checkpoint_dir, step))
+        self.cerebellum_address = address
+        ray.get([c.set_cerebellum.remote(address) for c in self.chunks])
+        logger.warning(
+            "cerebellum restarted at %s (restored step %s); chunks rejoined",
+            address,
+            step,
+        )
+
+    def _collect(self) -> None:
+        import ray
+
+        results = ray.get([c.results.remote() for c in self.chunks])
+        self.record.losses = {int(s): v for s, v in results[-1]["losses"].items()}
+        self.timelines = results
+
+    # Evaluation and reports --------------------------------------------------------
+
+    def evaluate(self, split: str = "validation") -> dict[str, Any]:
+        """Gather the chunks' weights and evaluate the whole network here."""
+        import ray
+
+        from orchestrator.trainer import Trainer
+
+        trainer = Trainer(self.config.replace(model="crnn"), self.task)
+        states = ray.get([c.state_dict.remote() for c in self.chunks])
+        for chunk, state in zip(trainer.chunks, states):
+            chunk.load_state_dict(state)
+        return trainer.evaluate(getattr(self.task, split))
+
+    def cerebellum_stats(self) -> dict[str, float]:
+        import ray
+
+        if self.cerebellum is None:
+            return {}
+        return ray.get(self.cerebellum.stats.remote())
+
+    def write_timeline(self, path: Path) -> None:
+        """All actors' spans on one clock (seconds since the earliest)."""
+        events = []
+        for result in self.timelines:
+            offset = result["wall_origin"] + result["timeline_origin"]
+            for phase, batch, window, micro, start, end in result["timeline"]:
+                events.append(
+                    dict(
+                        chunk=self.timelines.index(result),
+                        phase=phase,
+                        batch=batch,
+                        window=window,
+                        micro=micro,
+                        start=start + offset,
+                        end=end + offset,
+                    )
+                )
+        origin = min((e["start"] for e in events), default=0.0)
+        for event in events:
+            event["start"] -= origin
+            event["end"] -= origin
+        path.write_text(json.dumps({"schedule": self.dist.schedule, "events": events}))
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in [*self.chunks, self.cerebellum]:
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
+        if self.placement_group is not None:
+            ray.util.remove_placement_group(self.placement_group)
+
+
+def _chunk_shapes(config: TrainConfig, task: TaskData):
+    """Chunk modules only for their sizes (zone widths), built cheaply."""
+    from cortex_service.network import build_chunks
+
+    return build_chunks(
+        task.input_size,
+        config.hidden_size,
+        task.output_size,
+        config.chunks,
+        config.layers_per_chunk,
+        config.dropout,
+        config.seed,
+    )
+
+
+def train_distributed(
+    config: TrainConfig,
+    dist: DistributedConfig,
+    task: TaskData,
+    out: str | Path,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """``ccdni train --distributed``: run, evaluate, write the run directory."""
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cluster = Cluster(config, dist, task, out)
+    steps = dist.steps or config.epochs * cluster.stream.batches_per_epoch
+    if dist.resume:
+        cluster.checkpoint_dir = str((Path(dist.resume) / "checkpoints").resolve())
+    cluster.start()
+    try:
+        start = 0
+        if dist.resume:
+            start = cluster.restore_latest()
+        else:
+            cluster.save_checkpoint(0)
+        bar = tqdm(
+            total=steps,
+            initial=start,
+            disable=not progress,
+            unit="step",
+            desc=f"{config.task}/{dist.schedule}",
+        )
+
+        def on_progress(step: int, loss: float | None) -> None:
+            bar.update(max(0, step - bar.n))
+            if loss is not None:
+                bar.set_postfix(loss=f"{loss:.4f}")
+
+        record = cluster.run(start, steps, on_progress)
+        bar.close()
+        validation = cluster.evaluate("validation")
+        summary = _summary(cluster, record, validation, start, steps)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        with (out / "curve.jsonl").open("w") as curve:
+            curve.write(json.dumps(_curve_record(summary, validation, record)) + "\n")
+        cluster.write_timeline(out / "timeline.json")
+        (out / "manifest.msgpack").write_bytes(
+            msgpack.packb(
+                {"run": cluster.run_id, "checkpoints": cluster.checkpoint_dir}
+            )
+        )
+        return summary
+    finally:
+        cluster.shutdown()
+
+
+def _summary(cluster: Cluster, record: RunRecord, validation, start: int, steps: int):
+    config = cluster.config
+    losses = [record.losses[s] for s in sorted(record.losses)]
+    ran = steps - start
+    return {
+        "task": config.task,
+        "model": config.model,
+        "schedule": cluster.dist.schedule,
+        "chunks": config.chunks,
+        "micro_batches": cluster.dist.micro_batches,
+        "forward_unlock": cluster.dist.forward_unlock,
+        "truncation": cluster.truncation,
+        "seq_len": cluster.task.seq_len,
+        "seed": config.seed,
+        "steps": steps,
+        "wall_seconds": record.wall_seconds,
+        "steps_per_second": ran / record.wall_seconds if record.wall_seconds else None,
+        "train_loss": losses[-1] if losses else None,
+        "train_losses": losses,
+        "validation_loss": validation["loss"],
+        "validation_metric": validation["metric"],
+        "metric_name": validation["metric_name"],
+        "restarts": record.restarts,
+        "repeated_steps": record.repeated_steps,
+        "cerebellum_restarts": record.cerebellum_restarts,
+        "cerebellum": cluster.cerebellum_stats(),
+        "config": config.to_dict(),
+    }
+
+
+def _curve_record(summary, validation, record: RunRecord) -> dict[str, Any]:
+    return {
+        "step": summary["steps"],
+        "epoch": None,
+        "wall_seconds": record.wall_seconds,
+        "train_loss": summary["train_loss"],
+        "validation_loss": validation["loss"],
+        "metric": validation["metric"],
+        "metric_name": validation["metric_name"],
+    }
