@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import torch
 
 from cerebellum_service.actor import node_address
@@ -143,6 +144,8 @@ class ChunkActor:
         """Open clients to the neighbours and the cerebellum; build the runtime."""
         security = ClientSecurity(token=self.config.token)
         self._close_peers()
+        if self.runtime is not None and hasattr(self.runtime.cerebellum, "close"):
+            self.runtime.cerebellum.close()
         below_peer = GrpcNeighbour(below, security) if below else None
         above_peer = GrpcNeighbour(above, security) if above else None
         self.runtime = ChunkRuntime(
@@ -211,6 +214,15 @@ class ChunkActor:
         except Aborted:
             aborted = True
             logger.info("%s: aborted at step %d", self.name, self.step)
+        except grpc.RpcError as error:
+            # A neighbour went away mid-send: the driver restores and re-wires.
+            aborted = True
+            logger.warning(
+                "%s: lost a neighbour at step %d (%s)",
+                self.name,
+                self.step,
+                error.code().name,
+            )
         finally:
             self._running.clear()
         return {

@@ -176,6 +176,8 @@ class Cluster:
         self.chunks: list[Any] = []
         self.cerebellum: Any = None
         self.cerebellum_address: str | None = None
+        self.cerebellum_pid: int | None = None
+        self._stopping = False
         self.placement_group = None
         self.record = RunRecord()
         self._cerebellum_checkpoint = 0
@@ -330,6 +332,7 @@ class Cluster:
         addresses = ray.get([c.address.remote() for c in self.chunks])
         if self.cerebellum is not None:
             self.cerebellum_address = ray.get(self.cerebellum.address.remote())
+            self.cerebellum_pid = ray.get(self.cerebellum.pid.remote())
         calls = []
         for index, actor in enumerate(self.chunks):
             below = addresses[index - 1] if index > 0 else None
@@ -397,23 +400,27 @@ class Cluster:
 
         started = time.perf_counter()
         step = start
-        while step < stop:
+        self._stopping = False
+        while step < stop and not self._stopping:
             refs = {c.run.remote(step, stop): k for k, c in enumerate(self.chunks)}
             pending = list(refs)
             failed: int | None = None
+            lost_peer = False
             furthest = step
-            while pending and failed is None:
+            while pending and failed is None and not lost_peer:
                 ready, pending = ray.wait(pending, timeout=poll_s)
                 for ref in ready:
                     try:
-                        ray.get(ref)
+                        lost_peer |= ray.get(ref)["aborted"] and not self._stopping
                     except RayActorError as error:
                         failed = refs[ref]
                         logger.warning("chunk %d failed: %s", failed, error)
                 self._watch_cerebellum()
                 furthest = max(furthest, self._report_progress(on_progress))
                 self._checkpoint_cerebellum(furthest)
-            if failed is None:
+            if self._stopping:
+                break
+            if failed is None and not lost_peer:
                 step = stop
                 break
             step = self._recover(failed, pending, furthest)
@@ -421,6 +428,12 @@ class Cluster:
         self.record.wall_seconds += time.perf_counter() - started
         self.record.steps = stop
         return self.record
+
+    def stop(self) -> None:
+        """Ask a running :meth:`run` to end early (from another thread)."""
+        self._stopping = True
+        for actor in self.chunks:
+            actor.abort.remote()
 
     def _checkpoint_cerebellum(self, step: int) -> None:
         every = self.dist.checkpoint_every
@@ -443,7 +456,8 @@ class Cluster:
             on_progress(progress["step"], progress["last_loss"])
         return progress["step"]
 
-    def _recover(self, failed: int, pending: list, furthest: int) -> int:
+    def _recover(self, failed: int | None, pending: list, furthest: int) -> int:
+        """Stop every chunk, restore the newest complete checkpoint, re-wire."""
         import ray
 
         self.record.restarts += 1
@@ -451,14 +465,15 @@ class Cluster:
             if index != failed:
                 actor.abort.remote()
         ray.wait(pending, num_returns=len(pending), timeout=self.dist.wait_timeout)
-        self._await_alive(self.chunks[failed])
+        for actor in self.chunks:
+            self._await_alive(actor)
         self.wire()
         step = self.restore_latest()
         repeated = max(0, furthest - step)
         self.record.repeated_steps += repeated
         logger.warning(
-            "chunk %d restarted; resuming from step %d (%d steps repeated)",
-            failed,
+            "%s; resuming from step %d (%d steps repeated)",
+            "a neighbour was lost" if failed is None else f"chunk {failed} restarted",
             step,
             repeated,
         )
@@ -485,11 +500,13 @@ class Cluster:
         if self.cerebellum is None:
             return
         try:
-            address = ray.get(self.cerebellum.address.remote(), timeout=0.5)
+            pid = ray.get(self.cerebellum.pid.remote(), timeout=0.5)
         except (RayActorError, ray.exceptions.GetTimeoutError):
             return  # down or restarting: the chunks are in degraded mode meanwhile
-        if address == self.cerebellum_address:
+        if pid == self.cerebellum_pid:
             return
+        self.cerebellum_pid = pid
+        address = ray.get(self.cerebellum.address.remote())
         self.record.cerebellum_restarts += 1
         step = ckpt.latest_complete(self.checkpoint_dir, [CEREBELLUM])
         if step is not None:
@@ -647,6 +664,7 @@ def _summary(cluster: Cluster, record: RunRecord, validation, start: int, steps:
         "seq_len": cluster.task.seq_len,
         "seed": config.seed,
         "steps": steps,
+        "epochs": steps / cluster.stream.batches_per_epoch,
         "wall_seconds": record.wall_seconds,
         "steps_per_second": ran / record.wall_seconds if record.wall_seconds else None,
         "train_loss": losses[-1] if losses else None,
@@ -665,7 +683,7 @@ def _summary(cluster: Cluster, record: RunRecord, validation, start: int, steps:
 def _curve_record(summary, validation, record: RunRecord) -> dict[str, Any]:
     return {
         "step": summary["steps"],
-        "epoch": None,
+        "epoch": summary["epochs"],
         "wall_seconds": record.wall_seconds,
         "train_loss": summary["train_loss"],
         "validation_loss": validation["loss"],

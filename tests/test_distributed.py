@@ -1,0 +1,262 @@
+"""Distributed training on a real local Ray cluster: equivalence, unlocking, faults."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from orchestrator.batches import BatchStream
+from orchestrator.cluster import Cluster, DistributedConfig, train_distributed
+from orchestrator.config import TrainConfig
+from orchestrator.tasks.registry import load_task
+from orchestrator.trainer import Trainer
+from protos import checkpoint as ckpt
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def small_config(**changes) -> TrainConfig:
+    values = dict(
+        task="patterns",
+        model="crnn",
+        truncation=7,
+        chunks=2,
+        hidden_size=16,
+        batch_size=25,
+        granule_width=64,
+        n_train=200,
+        epochs=1,
+    )
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def task_for(config: TrainConfig):
+    return load_task(config.task, seed=config.seed, n_train=config.n_train)
+
+
+def wait_until(predicate, timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)  # polling actor state, not timing the system under test
+
+
+@pytest.mark.parametrize("chunks", [2, 3])
+def test_locked_on_ray_matches_the_in_process_trainer(tmp_path, chunks):
+    config = small_config(chunks=chunks)
+    task = task_for(config)
+    steps = 20
+    trainer = Trainer(config, task)
+    stream = BatchStream(task, config.batch_size, config.seed)
+    expected = [trainer.run_batch(stream.sequences(s)).loss for s in range(steps)]
+
+    summary = train_distributed(
+        config,
+        DistributedConfig(schedule="locked", steps=steps, checkpoint_every=0),
+        task,
+        tmp_path / "run",
+        progress=False,
+    )
+
+    got = summary["train_losses"]
+    assert len(got) == steps
+    for a, b in zip(got, expected):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(b))
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == steps
+
+
+def busy_intervals(events, chunk):
+    spans = sorted(
+        (e["start"], e["end"])
+        for e in events
+        if e["chunk"] == chunk and e["phase"] in ("forward", "backward", "predict")
+    )
+    merged = []
+    for start, end in spans:
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return merged
+
+
+def overlap(a, b) -> float:
+    total, i, j = 0.0, 0, 0
+    while i < len(a) and j < len(b):
+        total += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def backward_ends(events, chunk):
+    return {
+        (e["batch"], e["window"]): e["end"]
+        for e in events
+        if e["chunk"] == chunk and e["phase"] == "backward"
+    }
+
+
+def test_decoupled_chunks_overlap_and_locked_ones_alternate(tmp_path):
+    config = small_config(model="ccrnn", hidden_size=64, n_train=400)
+    task = task_for(config)
+    timelines = {}
+    for schedule in ("decoupled", "locked"):
+        out = tmp_path / schedule
+        train_distributed(
+            config,
+            DistributedConfig(schedule=schedule, steps=16, checkpoint_every=0),
+            task,
+            out,
+            progress=False,
+        )
+        timelines[schedule] = json.loads((out / "timeline.json").read_text())["events"]
+
+    decoupled = timelines["decoupled"]
+    first, second = backward_ends(decoupled, 0), backward_ends(decoupled, 1)
+    assert first.keys() == second.keys() and len(first) == 16 * 4
+    assert all(first[k] < second[k] for k in first)
+    busy0, busy1 = busy_intervals(decoupled, 0), busy_intervals(decoupled, 1)
+    shared = overlap(busy0, busy1)
+    smaller = min(sum(e - s for s, e in busy0), sum(e - s for s, e in busy1))
+    assert shared > 0.5 * smaller
+
+    locked = timelines["locked"]
+    first, second = backward_ends(locked, 0), backward_ends(locked, 1)
+    # Under locked, chunk 0 can only finish its backward after chunk 1's.
+    assert all(first[k] > second[k] for k in first)
+
+    # ccdni report draws the per-actor timeline.
+    from orchestrator import report
+
+    written = report.report(tmp_path / "decoupled")
+    assert any(p.name == "timeline.png" for p in written)
+
+
+def run_in_background(cluster: Cluster, start: int, stop: int):
+    result = {}
+
+    def work():
+        try:
+            result["record"] = cluster.run(start, stop)
+        except BaseException as error:  # surfaced by the test below
+            result["error"] = error
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    return thread, result
+
+
+def progress(actor) -> int:
+    import ray
+
+    try:
+        return ray.get(actor.progress.remote(), timeout=5)["step"]
+    except Exception:  # a restarting actor: no progress to report yet
+        return -1
+
+
+def test_killed_chunk_is_restarted_restored_and_the_run_finishes(tmp_path):
+    import ray
+
+    config = small_config()
+    task = task_for(config)
+    cluster = Cluster(
+        config,
+        DistributedConfig(schedule="decoupled", checkpoint_every=5),
+        task,
+        tmp_path,
+    )
+    cluster.start()
+    try:
+        cluster.save_checkpoint(0)
+        thread, result = run_in_background(cluster, 0, 30)
+        wait_until(lambda: progress(cluster.chunks[1]) >= 12, what="step 12")
+        ray.kill(cluster.chunks[1], no_restart=False)
+        thread.join(timeout=120)
+        assert not thread.is_alive()
+        assert "error" not in result, result.get("error")
+        record = result["record"]
+        assert record.restarts == 1
+        assert 0 <= record.repeated_steps <= 5 + 2
+        assert sorted(record.losses)[-1] == 29
+        assert ray.get(cluster.chunks[1].progress.remote())["step"] == 30
+    finally:
+        cluster.shutdown()
+
+
+def test_killed_cerebellum_degrades_the_chunks_then_they_rejoin(tmp_path):
+    import ray
+
+    config = small_config(model="ccrnn")
+    task = task_for(config)
+    cluster = Cluster(
+        config,
+        DistributedConfig(schedule="decoupled", checkpoint_every=5),
+        task,
+        tmp_path,
+    )
+    cluster.start()
+    try:
+        cluster.save_checkpoint(0)
+        thread, result = run_in_background(cluster, 0, 400)
+        wait_until(lambda: progress(cluster.chunks[0]) >= 5, what="step 5")
+        before = progress(cluster.chunks[0])
+        ray.kill(cluster.cerebellum, no_restart=False)
+        wait_until(
+            lambda: (
+                ray.get(cluster.chunks[0].progress.remote())["degraded_windows"] > 0
+            ),
+            what="degraded windows",
+        )
+        during = progress(cluster.chunks[0])
+        wait_until(
+            lambda: cluster.record.cerebellum_restarts == 1,
+            timeout=90,
+            what="the cerebellum's restart",
+        )
+        served = ray.get(cluster.cerebellum.stats.remote())["predictions"]
+        wait_until(
+            lambda: ray.get(cluster.cerebellum.stats.remote())["predictions"] > served,
+            what="predictions after the restart",
+        )
+        cluster.stop()
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+        assert during > before  # training went on while the cerebellum was down
+    finally:
+        cluster.shutdown()
+
+
+def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path):
+    config = small_config()
+    task = task_for(config)
+    out = tmp_path / "run"
+    dist = DistributedConfig(schedule="decoupled", steps=12, checkpoint_every=4)
+    train_distributed(config, dist, task, out, progress=False)
+    root = out / "checkpoints"
+    names = ["chunk-0", "chunk-1"]
+    assert ckpt.complete_steps(root, names)[:2] == [12, 8]
+
+    newest = ckpt.step_dir(root, 12) / "chunk-1.pt"
+    newest.write_bytes(newest.read_bytes()[:-10] + b"corrupted!")
+    assert ckpt.latest_complete(root, names) == 8
+
+    resumed = train_distributed(
+        config,
+        DistributedConfig(
+            schedule="decoupled", steps=16, checkpoint_every=4, resume=str(out)
+        ),
+        task,
+        tmp_path / "resumed",
+        progress=False,
+    )
+    assert resumed["steps"] == 16
+    assert len(resumed["train_losses"]) == 16 - 8
