@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from cerebellum_service.learning import LocalCerebellum
+from cerebellum_service.learning import FeedbackPredictor, LocalCerebellum
 from cortex_service.learning import ChunkLearner
 from cortex_service.network import build_chunks
 from cortex_service.runtime import (
@@ -30,7 +30,7 @@ from orchestrator.zones import build_microzones, zone_specs
 @dataclass
 class ThreadedRun:
     runtimes: list[ChunkRuntime]
-    cerebellum: LocalCerebellum | None
+    cerebellum: FeedbackPredictor | None
     results: list[list[StepResult]]
 
     @property
@@ -48,12 +48,15 @@ def run_threaded(
     max_in_flight: int = 2,
     transport: str = "local",
     token: str = "threaded-run-token",
+    cerebellum: FeedbackPredictor | None = None,
 ) -> ThreadedRun:
     """Train ``steps`` batches with every chunk in its own thread.
 
     Args:
         transport: ``local`` hands tensors over in memory; ``grpc`` starts a real
             cortex service per chunk on loopback and sends everything through it.
+        cerebellum: use this predictor (a remote cerebellum, say) instead of
+            building a local one.
     """
     chunks = build_chunks(
         task.input_size,
@@ -67,11 +70,8 @@ def run_threaded(
     n_labels = int(task.train.labels.max()) + 1
     context_size = n_labels if config.context else 0
     specs = zone_specs(config, chunks, schedule, forward_unlock, context_size)
-    cerebellum = (
-        LocalCerebellum(build_microzones(specs), lr=config.cerebellum_lr)
-        if specs
-        else None
-    )
+    if cerebellum is None and specs:
+        cerebellum = LocalCerebellum(build_microzones(specs), lr=config.cerebellum_lr)
     truncation = config.effective_truncation(task.seq_len)
     boxes = [
         (

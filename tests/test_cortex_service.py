@@ -1,0 +1,299 @@
+"""The cortex service over real loopback gRPC: checks, auth, and a full exchange."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import grpc
+import pytest
+import torch
+
+from cerebellum_service.client import RemoteCerebellum
+from cerebellum_service.config import CerebellumConfig
+from cerebellum_service.learning import ActivityKey
+from cerebellum_service.servicer import CerebellumServicer, add_to_server
+from cortex_service.runtime import Mailbox
+from cortex_service.servicer import CortexServicer, GrpcNeighbour, key_to_proto
+from orchestrator.batches import BatchStream
+from orchestrator.config import TrainConfig
+from orchestrator.threaded import run_threaded
+from orchestrator.trainer import Trainer
+from orchestrator.zones import zone_specs
+from protos import ccdni_pb2 as pb
+from protos import ccdni_pb2_grpc as pb_grpc
+from protos.codec import encode
+from protos.service import ClientSecurity, ServerSecurity, open_channel, start_server
+from tests.helpers import random_task
+
+TOKEN = "cortex-test-token-0123456789"
+LIMIT = 1 << 20
+INPUT, HIDDEN = 6, 5
+
+
+@pytest.fixture
+def chunk_server():
+    activity_in = Mailbox(4, "activity_in")
+    feedback_in = Mailbox(4, "feedback_in")
+    servicer = CortexServicer(1, INPUT, HIDDEN, activity_in, feedback_in, put_timeout=2)
+    server = start_server(
+        lambda s: pb_grpc.add_CortexServicer_to_server(servicer, s),
+        security=ServerSecurity(token=TOKEN),
+        service_names=["ccdni.v1.Cortex"],
+        max_message_bytes=LIMIT,
+    )
+    channel = open_channel(server.address, ClientSecurity(token=TOKEN), LIMIT)
+    yield servicer, server, pb_grpc.CortexStub(channel)
+    channel.close()
+    server.stop(grace=1)
+
+
+def activity_frame(outputs=None, batch=0, window=0, chunk=0, **tensor_fields):
+    frame = pb.ActivityFrame()
+    key_to_proto(ActivityKey(batch, window, chunk), frame.activity.key)
+    if outputs is not None:
+        encode(outputs, out=frame.activity.outputs)
+    for name, value in tensor_fields.items():
+        setattr(frame.activity.outputs, name, value)
+    return frame
+
+
+def feedback_frame(grad, batch=0, window=0, chunk=1):
+    frame = pb.FeedbackFrame()
+    key_to_proto(ActivityKey(batch, window, chunk), frame.feedback.key)
+    frame.feedback.kind = pb.Feedback.OBSERVED
+    frame.feedback.target = pb.Feedback.OUTPUT
+    encode(grad, out=frame.feedback.tensors.add())
+    return frame
+
+
+def good(batch=0, window=0):
+    return activity_frame(torch.randn(2, 3, INPUT), batch=batch, window=window)
+
+
+def bad_frames():
+    nan = torch.randn(2, 3, INPUT)
+    nan[0, 0, 0] = float("nan")
+    inf = torch.randn(2, 3, INPUT)
+    inf[1, 2, 3] = float("inf")
+    short = activity_frame(torch.randn(2, 3, INPUT))
+    short.activity.outputs.data = short.activity.outputs.data[:-4]
+    yield "width", activity_frame(torch.randn(2, 3, INPUT + 1)), "activity.outputs"
+    yield "nan", activity_frame(nan), "activity.outputs"
+    yield "inf", activity_frame(inf), "activity.outputs"
+    yield "bytes", short, "activity.outputs"
+    yield "dtype", activity_frame(torch.randn(2, 3, INPUT), dtype="float128"), "dtype"
+    yield "int", activity_frame(torch.ones(2, 3, INPUT, dtype=torch.int64)), "dtype"
+    yield "rank", activity_frame(torch.randn(6, INPUT)), "activity.outputs"
+    yield "chunk", activity_frame(torch.randn(2, 3, INPUT), chunk=3), "key.chunk"
+    yield "missing", activity_frame(None), "activity.outputs"
+    yield "negative", activity_frame(torch.randn(2, 3, INPUT), batch=-1), "key.batch"
+    lone = pb.ActivityFrame()
+    lone.part.field = "activity.outputs"
+    lone.part.parts = 2
+    yield "lone part", lone, "activity"
+
+
+@pytest.mark.parametrize("name,frame,field", list(bad_frames()))
+def test_bad_activity_is_refused_counted_and_changes_nothing(
+    chunk_server, name, frame, field
+):
+    servicer, _, stub = chunk_server
+    with pytest.raises(grpc.RpcError) as error:
+        stub.PushActivity(iter([frame]), timeout=5)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in error.value.details()
+    assert len(servicer.activity_in) == 0
+    assert (
+        sum(
+            v
+            for k, v in servicer.counters.snapshot().items()
+            if k.startswith("rejected.")
+        )
+        == 1
+    )
+
+    # The server still answers a correct call correctly.
+    reply = stub.PushActivity(iter([good()]), timeout=5)
+    assert reply.accepted == 1
+    assert servicer.activity_in.take((0, 0, 0), timeout=5).shape == (2, 3, INPUT)
+
+
+def test_out_of_order_and_duplicate_keys_are_refused(chunk_server):
+    servicer, _, stub = chunk_server
+    assert stub.PushActivity(iter([good(batch=1, window=2)]), timeout=5).accepted == 1
+    for frame in (good(batch=1, window=2), good(batch=1, window=1), good(batch=0)):
+        with pytest.raises(grpc.RpcError) as error:
+            stub.PushActivity(iter([frame]), timeout=5)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "key" in error.value.details()
+    assert len(servicer.activity_in) == 1
+    assert stub.PushActivity(iter([good(batch=1, window=3)]), timeout=5).accepted == 1
+
+
+def test_oversized_message_is_refused_and_the_server_goes_on(chunk_server):
+    _, _, stub = chunk_server
+    huge = activity_frame(torch.randn(64, 64, INPUT * 200))
+    with pytest.raises(grpc.RpcError) as error:
+        stub.PushActivity(iter([huge]), timeout=5)
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert stub.PushActivity(iter([good()]), timeout=5).accepted == 1
+
+
+def test_large_activity_travels_in_parts_through_the_neighbour(chunk_server):
+    servicer, server, _ = chunk_server
+    neighbour = GrpcNeighbour(
+        server.address, ClientSecurity(token=TOKEN), max_message_bytes=LIMIT
+    )
+    outputs = torch.randn(256, 200, INPUT)  # 1.2 MiB: above the 1 MiB limit
+    neighbour.send_activity(ActivityKey(0, 0, 0), outputs)
+    neighbour.flush()
+    assert torch.equal(servicer.activity_in.take((0, 0, 0), timeout=5), outputs)
+    neighbour.close()
+
+
+def test_full_mailbox_answers_resource_exhausted_after_its_timeout(chunk_server):
+    servicer, _, stub = chunk_server
+    for window in range(4):
+        stub.PushActivity(iter([good(window=window)]), timeout=5)
+    with pytest.raises(grpc.RpcError) as error:
+        stub.PushActivity(iter([good(window=4)]), timeout=10)
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert len(servicer.activity_in) == 4
+
+
+def test_feedback_is_checked_like_activity(chunk_server):
+    servicer, _, stub = chunk_server
+    assert (
+        stub.PushFeedback(
+            iter([feedback_frame(torch.randn(2, 3, HIDDEN))]), timeout=5
+        ).accepted
+        == 1
+    )
+    for frame, field in (
+        (feedback_frame(torch.randn(2, 3, HIDDEN + 2), window=1), "feedback.tensors"),
+        (feedback_frame(torch.randn(2, 3, HIDDEN), window=1, chunk=0), "key.chunk"),
+    ):
+        with pytest.raises(grpc.RpcError) as error:
+            stub.PushFeedback(iter([frame]), timeout=5)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in error.value.details()
+    assert len(servicer.feedback_in) == 1
+
+
+@pytest.mark.parametrize("token", [None, "wrong-token-abcdefghijkl"])
+def test_calls_without_the_right_token_are_unauthenticated(chunk_server, token):
+    _, server, _ = chunk_server
+    channel = open_channel(server.address, ClientSecurity(token=token), LIMIT)
+    stub = pb_grpc.CortexStub(channel)
+    calls = [
+        lambda: stub.PushActivity(iter([good()]), timeout=5),
+        lambda: stub.PushFeedback(
+            iter([feedback_frame(torch.randn(1, 1, HIDDEN))]), timeout=5
+        ),
+        lambda: stub.Configure(pb.ConfigureRequest(), timeout=5),
+        lambda: stub.Stats(pb.StatsRequest(), timeout=5),
+        lambda: stub.Checkpoint(pb.CheckpointRequest(path="x"), timeout=5),
+        lambda: stub.Restore(pb.RestoreRequest(path="x"), timeout=5),
+    ]
+    for make_call in calls:
+        with pytest.raises(grpc.RpcError) as error:
+            make_call()
+        assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    channel.close()
+
+
+def test_standalone_server_prints_its_address_first():
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cortex_service",
+            "--port",
+            "0",
+            "--input-size",
+            "4",
+            "--insecure-no-auth",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        address = process.stdout.readline().strip()
+        host, _, port = address.rpartition(":")
+        assert host == "127.0.0.1" and int(port) > 0
+        channel = open_channel(address)
+        reply = pb_grpc.CortexStub(channel).Stats(pb.StatsRequest(), timeout=10)
+        assert reply.counters["activity.accepted"] == 0
+        channel.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    refused = subprocess.run(
+        [sys.executable, "-m", "cortex_service", "--port", "0", "--input-size", "4"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert refused.returncode != 0
+    assert "--insecure-no-auth" in refused.stderr
+
+
+def test_two_chunks_and_a_remote_cerebellum_give_in_process_gradients():
+    """Chunks and cerebellum over loopback gRPC compute what one process does."""
+    task = random_task(seq_len=8, n=12)
+    config = TrainConfig(
+        task="random",
+        model="ccrnn",
+        truncation=2,
+        chunks=2,
+        hidden_size=5,
+        batch_size=12,
+        granule_width=16,
+    )
+    trainer = Trainer(config, task)
+    specs = zone_specs(config, trainer.chunks, "locked", False, 0)
+    # The inferior-olive lesion keeps the zones fixed during the batch on both sides,
+    # so predictions are the same whatever the server's learning thread does.
+    zone_maps = [dict(name=n, **s) for n, s in specs.items()]
+    remote_config = CerebellumConfig.from_dict({"zones": zone_maps, "lesion": "olive"})
+    servicer = CerebellumServicer(remote_config)
+    torch.manual_seed(11)
+    for zone in servicer.cerebellum.zones.values():  # non-zero predictions
+        torch.nn.init.normal_(zone.purkinje.weight, std=0.5)
+    trainer.cerebellum.zones.load_state_dict(
+        copy.deepcopy(servicer.cerebellum.zones.state_dict())
+    )
+    trainer.cerebellum.frozen = True
+    server = start_server(
+        lambda s: add_to_server(servicer, s),
+        security=ServerSecurity(token=TOKEN),
+        service_names=["ccdni.v1.Cerebellum"],
+    )
+    remote = RemoteCerebellum(server.address, ClientSecurity(token=TOKEN))
+    try:
+        from tests.test_schedules import capture_gradients
+
+        batch = BatchStream(task, config.batch_size, config.seed).sequences(0)
+        trainer.run_batch(batch, step=False)
+        expected = [[p.grad.clone() for p in c.parameters()] for c in trainer.chunks]
+
+        recorded = capture_gradients(
+            lambda: run_threaded(
+                config, task, "locked", 1, transport="grpc", cerebellum=remote
+            )
+        )
+        got = sorted(recorded, key=lambda grads: grads[0].shape)
+        want = sorted(expected, key=lambda grads: grads[0].shape)
+        for a, b in zip(got, want):
+            for x, y in zip(a, b):
+                torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+        # Both chunks asked for state predictions at the 3 inner window ends.
+        assert servicer.stats()["zone.state_0.predictions"] == 3
+        assert servicer.stats()["zone.state_1.predictions"] == 3
+    finally:
+        remote.close()
+        server.stop(grace=1)
