@@ -285,6 +285,13 @@ class Trainer:
             result.update(ataxia)
             result["metric"] = ataxia["dysmetria"]
             result["metric_name"] = "dysmetria"
+        if self.task.evaluator is not None:
+            measures_of_task = dict(self.task.evaluator(self.chunks, split))
+            result["metric"] = measures_of_task.pop("metric", result["metric"])
+            result["metric_name"] = measures_of_task.pop(
+                "metric_name", result["metric_name"]
+            )
+            result["task_metrics"] = measures_of_task
         return result
 
     def cerebellum_loss(self) -> float | None:
@@ -368,6 +375,8 @@ class Trainer:
                 record[name] = validation[name]
         if self.cerebellum is not None:
             record["cerebellum_loss"] = self.cerebellum_loss()
+        if "task_metrics" in validation:
+            record["task_metrics"] = validation["task_metrics"]
         return record
 
     def _summary(self, train_loss: float, wall: float, epoch_seconds: list) -> dict:
@@ -397,6 +406,11 @@ class Trainer:
         if self.task.drawing:
             summary["ataxia"] = {
                 name: validation[name] for name in ("dysmetria", "overshoot", "tremor")
+            }
+        if "task_metrics" in validation:
+            summary["task_metrics"] = {
+                "validation": validation["task_metrics"],
+                "test": test["task_metrics"],
             }
         return summary
 

@@ -6,9 +6,12 @@ module, so a new task only has to return a :class:`TaskData`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
 from cortex_service.loss import TaskKind, sequence_loss
 
@@ -59,6 +62,10 @@ class SequenceData:
         )
 
 
+# evaluator(chunks, split) -> measures; see TaskData.evaluator.
+Evaluator = Callable[[Sequence[nn.Module], SequenceData], dict[str, Any]]
+
+
 @dataclass(frozen=True)
 class TaskData:
     """A task's three splits and what its output means."""
@@ -73,6 +80,10 @@ class TaskData:
     test: SequenceData
     # Drawing tasks draw 2-D trajectories; the ataxia measures apply to them.
     drawing: bool = False
+    # Task-specific measures, called as evaluator(chunks, split) on the trained
+    # cortical chunks; "metric" and "metric_name" in its result replace the
+    # generic ones (captions: BLEU-4 of greedy decoding).
+    evaluator: Evaluator | None = None
 
 
-__all__ = ["SequenceData", "TaskData", "TaskKind", "sequence_loss"]
+__all__ = ["Evaluator", "SequenceData", "TaskData", "TaskKind", "sequence_loss"]

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from orchestrator.tasks.base import TaskData
+from orchestrator.tasks.captions import make_captions_task
 from orchestrator.tasks.digits import (
     make_digit_lines_task,
     make_digits_task,
@@ -32,6 +33,7 @@ _BUILDERS: dict[str, Builder] = {
     "digit-lines": make_digit_lines_task,
     "digits": make_digits_task,
     "patterns": make_patterns_task,
+    "captions": make_captions_task,
 }
 
 TASKS: tuple[str, ...] = tuple(_BUILDERS)
