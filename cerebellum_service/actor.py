@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import torch
@@ -16,11 +17,37 @@ import torch
 from cerebellum_service.config import CerebellumConfig
 from cerebellum_service.servicer import CerebellumServicer, add_to_server
 from protos import checkpoint as ckpt
+from protos.metrics import metrics_for
 from protos.service import ServerSecurity, start_server
 
 logger = logging.getLogger(__name__)
 
 ACTOR_NAME = "cerebellum"
+
+# Per-microzone statistics of the servicer and the metric each becomes.
+ZONE_METRICS = {
+    "last_loss": (
+        "ccdni_prediction_error",
+        "gauge",
+        "mean squared error of predicted against observed feedback",
+    ),
+    "last_cosine": (
+        "ccdni_prediction_cosine",
+        "gauge",
+        "cosine similarity of predicted and observed feedback",
+    ),
+    "predictions": ("ccdni_cerebellum_predictions", "counter", "predictions served"),
+    "observations": (
+        "ccdni_cerebellum_observations",
+        "counter",
+        "observed feedback paired with its activity",
+    ),
+    "cache_misses": (
+        "ccdni_cerebellum_cache_misses",
+        "counter",
+        "observed feedback whose activity was no longer cached",
+    ),
+}
 
 
 class CerebellumActor:
@@ -42,17 +69,74 @@ class CerebellumActor:
         )
         self.servicer = CerebellumServicer(config)
         host = spec.get("host") or node_address()
+        self.metrics = metrics_for(
+            spec.get("metrics", True), spec.get("run", ""), ACTOR_NAME
+        )
         self.server = start_server(
             lambda server: add_to_server(self.servicer, server),
             security=ServerSecurity(token=spec["token"]),
             service_names=["ccdni.v1.Cerebellum"],
             host=host,
             on_stop=[self.servicer.close],
+            interceptors=(
+                [self.metrics.server_interceptor()] if self.metrics.enabled else []
+            ),
         )
+        self.host = host
+        self.restarts = 0
+        self.metrics_port = self.metrics.serve(host)
+        self.metrics.add_source(self._samples)
+        self._hook_staleness()
         logger.info("cerebellum serving on %s", self.server.address)
 
     def address(self) -> str:
         return self.server.address
+
+    def metrics_address(self) -> str | None:
+        if self.metrics_port is None:
+            return None
+        return f"{self.host}:{self.metrics_port}"
+
+    def set_restarts(self, count: int) -> None:
+        self.restarts = count
+
+    def _hook_staleness(self) -> None:
+        cerebellum = self.servicer.cerebellum
+        if cerebellum is not None and self.metrics.enabled:
+            cerebellum.staleness_observer = self.metrics.staleness
+
+    def _samples(self):
+        """The servicer's counters as Prometheus samples, read at scrape time."""
+        stats = self.servicer.stats()
+        for name, value in stats.items():
+            if name.startswith("zone."):
+                _, zone, field = name.split(".", 2)
+                if field in ZONE_METRICS:
+                    metric, kind, doc = ZONE_METRICS[field]
+                    yield metric, kind, doc, {"zone": zone}, value
+            elif name.startswith("rejected."):
+                reason = name.split(".", 1)[1]
+                yield (
+                    "ccdni_messages_rejected",
+                    "counter",
+                    "messages refused, by reason",
+                    {"reason": reason},
+                    value,
+                )
+        yield (
+            "ccdni_cerebellum_updates",
+            "counter",
+            "learning steps",
+            {},
+            stats.get("step", 0),
+        )
+        yield (
+            "ccdni_actor_restarts",
+            "gauge",
+            "restarts of this actor",
+            {},
+            self.restarts,
+        )
 
     def pid(self) -> int:
         return os.getpid()
@@ -68,7 +152,9 @@ class CerebellumActor:
             "cerebellum": current.cerebellum.state_dict(),
             "learning_step": self.servicer.step,
         }
+        tic = time.perf_counter()
         _, size = ckpt.save_state(root, step, ACTOR_NAME, state)
+        self.metrics.checkpoint(time.perf_counter() - tic)
         return size
 
     def restore(self, root: str, step: int) -> int:
@@ -77,10 +163,12 @@ class CerebellumActor:
         cerebellum = config.build()
         cerebellum.load_state_dict(state["cerebellum"])
         self.servicer._install(config, cerebellum, step=int(state["learning_step"]))
+        self._hook_staleness()
         return step
 
     def shutdown(self) -> None:
         self.server.stop(grace=1.0)
+        self.metrics.stop()
 
 
 def node_address() -> str:

@@ -19,7 +19,7 @@ import logging
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -134,6 +134,11 @@ class LocalCerebellum(FeedbackPredictor):
         # forward and backward pass can run without _lock: they only read the
         # parameters, and only optimizer.step, under _lock, writes them.
         self._lock = threading.Lock()
+        # Staleness of observed feedback, in windows, for whoever measures it
+        # (the actor's metrics): newest predicted key per zone, windows per batch.
+        self.staleness_observer: Callable[[str, float], None] | None = None
+        self._latest: dict[str, ActivityKey] = {}
+        self._windows_per_batch = 1
         self._update_lock = threading.Lock()
 
     def zone(self, name: str) -> Microzone:
@@ -188,6 +193,7 @@ class LocalCerebellum(FeedbackPredictor):
 
         self._cache.pop(cache_key, None)
         stats.observations += 1
+        self._record_staleness(observation.zone, observation.key)
         if self.frozen:
             return "frozen"
         activity, context = entry
@@ -241,7 +247,23 @@ class LocalCerebellum(FeedbackPredictor):
                     losses[zone] = value
             return losses
 
+    def _record_staleness(self, zone: str, key: ActivityKey) -> None:
+        """Windows between the newest prediction of ``zone`` and ``key``'s."""
+        latest = self._latest.get(zone)
+        if latest is None or self.staleness_observer is None:
+            return
+        windows = self._windows_per_batch
+        staleness = (latest.batch - key.batch) * windows + latest.window - key.window
+        self.staleness_observer(zone, float(max(0, staleness)))
+
     def _remember(self, query: Query) -> None:
+        latest = self._latest.get(query.zone)
+        if latest is None or (query.key.batch, query.key.window) > (
+            latest.batch,
+            latest.window,
+        ):
+            self._latest[query.zone] = query.key
+        self._windows_per_batch = max(self._windows_per_batch, query.key.window + 1)
         activity = query.activity.detach()
         context = None if query.context is None else query.context.detach()
         self._cache[(query.zone, query.key)] = (activity, context)

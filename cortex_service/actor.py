@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,9 +27,10 @@ from cerebellum_service.actor import node_address
 from cortex_service.learning import ChunkLearner
 from cortex_service.network import build_chunk
 from cortex_service.runtime import Aborted, Batch, ChunkRuntime, ChunkSpec, Mailbox
-from cortex_service.servicer import CortexServicer, GrpcNeighbour
+from cortex_service.servicer import REJECTION_REASONS, CortexServicer, GrpcNeighbour
 from protos import ccdni_pb2_grpc as pb_grpc
 from protos import checkpoint as ckpt
+from protos.metrics import metrics_for
 from protos.service import ClientSecurity, ServerSecurity, start_server
 
 logger = logging.getLogger(__name__)
@@ -72,7 +74,8 @@ class ChunkActorSpec:
     max_in_flight: int = 2
     threads: int = 1
     host: str | None = None
-    cerebellum_factory: Callable[[str, str], Any] | None = None
+    cerebellum_factory: Callable[..., Any] | None = None
+    metrics: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -114,13 +117,21 @@ class ChunkActor:
             restore=self._restore_from_path,
         )
         host = config.host or node_address()
+        self.metrics = metrics_for(config.metrics, config.spec.run, "chunk", self.index)
         self.server = start_server(
             lambda s: pb_grpc.add_CortexServicer_to_server(self.servicer, s),
             security=ServerSecurity(token=config.token),
             service_names=["ccdni.v1.Cortex"],
             host=host,
+            interceptors=self._server_interceptors(),
         )
+        self.metrics_port = self.metrics.serve(host)
+        self.metrics.add_source(self._samples)
+        self.host = host
+        self.steps_done = 0  # in this process, for monotonic counters
+        self.step_seconds: deque[float] = deque(maxlen=256)
         self.batches = config.batches()
+        self.batch_size = config.sizes.get("batch_size", 0)
         self.runtime: ChunkRuntime | None = None
         self.step = 0
         self.losses: dict[int, float] = {}
@@ -135,6 +146,101 @@ class ChunkActor:
     def address(self) -> str:
         return self.server.address
 
+    def metrics_address(self) -> str | None:
+        """``host:port`` of this actor's ``/metrics``, or None when turned off."""
+        return None if self.metrics_port is None else f"{self.host}:{self.metrics_port}"
+
+    def set_restarts(self, count: int) -> None:
+        self.restarts = count
+
+    def _server_interceptors(self) -> list:
+        return [self.metrics.server_interceptor()] if self.metrics.enabled else []
+
+    def _client_interceptors(self) -> list:
+        return [self.metrics.client_interceptor()] if self.metrics.enabled else []
+
+    def _samples(self):
+        """Counters and gauges read at scrape time (see protos.metrics)."""
+        counters = self.servicer.counters.snapshot()
+        yield (
+            "ccdni_queue_depth",
+            "gauge",
+            "messages waiting in a mailbox",
+            {"queue": "activity_in"},
+            len(self.activity_in),
+        )
+        yield (
+            "ccdni_queue_depth",
+            "gauge",
+            "messages waiting in a mailbox",
+            {"queue": "feedback_in"},
+            len(self.feedback_in),
+        )
+        yield (
+            "ccdni_queue_stalls",
+            "counter",
+            "sends that waited for room",
+            {},
+            self.activity_in.stalls + self.feedback_in.stalls,
+        )
+        for reason in REJECTION_REASONS:
+            yield (
+                "ccdni_messages_rejected",
+                "counter",
+                "messages refused, by reason",
+                {"reason": reason},
+                counters.get(f"rejected.{reason}", 0),
+            )
+        yield (
+            "ccdni_bytes_received",
+            "counter",
+            "tensor bytes received",
+            {},
+            counters.get("bytes.received", 0),
+        )
+        runtime = self.runtime
+        peers = [] if runtime is None else [runtime.below, runtime.above]
+        sent = sum(p.bytes_sent for p in peers if p is not None)
+        yield (
+            "ccdni_bytes_sent",
+            "counter",
+            "tensor bytes sent to neighbours",
+            {},
+            sent,
+        )
+        degraded = 0 if runtime is None else runtime.degraded_windows
+        yield (
+            "ccdni_degraded_windows",
+            "counter",
+            "windows without predicted feedback",
+            {},
+            degraded,
+        )
+        yield (
+            "ccdni_actor_restarts",
+            "gauge",
+            "restarts of this actor",
+            {},
+            self.restarts,
+        )
+        yield ("ccdni_steps", "counter", "training steps done", {}, self.steps_done)
+        yield (
+            "ccdni_examples",
+            "counter",
+            "training examples done",
+            {},
+            self.steps_done * self.batch_size,
+        )
+        yield ("ccdni_step", "gauge", "the step the chunk is at", {}, self.step)
+        if self.losses:
+            yield (
+                "ccdni_loss",
+                "gauge",
+                "training loss of the latest step",
+                {},
+                self.losses[max(self.losses)],
+            )
+
     def pid(self) -> int:
         return os.getpid()
 
@@ -146,8 +252,13 @@ class ChunkActor:
         self._close_peers()
         if self.runtime is not None and hasattr(self.runtime.cerebellum, "close"):
             self.runtime.cerebellum.close()
-        below_peer = GrpcNeighbour(below, security) if below else None
-        above_peer = GrpcNeighbour(above, security) if above else None
+        interceptors = self._client_interceptors()
+        below_peer = (
+            GrpcNeighbour(below, security, interceptors=interceptors) if below else None
+        )
+        above_peer = (
+            GrpcNeighbour(above, security, interceptors=interceptors) if above else None
+        )
         self.runtime = ChunkRuntime(
             self.config.spec,
             self.learner,
@@ -162,6 +273,7 @@ class ChunkActor:
             cerebellum=self._cerebellum_client(cerebellum),
             device=self.device,
         )
+        self.runtime.timeline.on_span = self.metrics.phase
 
     def set_cerebellum(self, address: str | None) -> None:
         """Point predictions and learning at a (restarted) cerebellum."""
@@ -175,7 +287,9 @@ class ChunkActor:
     def _cerebellum_client(self, address: str | None):
         if not address or self.config.cerebellum_factory is None:
             return None
-        return self.config.cerebellum_factory(address, self.config.token)
+        return self.config.cerebellum_factory(
+            address, self.config.token, self._client_interceptors()
+        )
 
     def _close_peers(self) -> None:
         if self.runtime is None:
@@ -200,7 +314,10 @@ class ChunkActor:
         self.step = start
         try:
             for step in range(start, stop):
+                tic = time.perf_counter()
                 result = self.runtime.run_batch(step, self.batches(step))
+                self.step_seconds.append(time.perf_counter() - tic)
+                self.steps_done += 1
                 degraded += result.degraded_windows
                 if result.loss is not None:
                     self.losses[step] = result.loss
@@ -247,6 +364,7 @@ class ChunkActor:
             "degraded_windows": 0 if runtime is None else runtime.degraded_windows,
             "activity_depth": len(self.activity_in),
             "feedback_depth": len(self.feedback_in),
+            "step_seconds": list(self.step_seconds),
         }
 
     def results(self, since: int = 0) -> dict[str, Any]:
@@ -266,12 +384,14 @@ class ChunkActor:
     # Checkpoints -------------------------------------------------------------------
 
     def save_checkpoint(self, step: int) -> int:
+        tic = time.perf_counter()
         state = {
             "chunk": self.state_dict(),
             "optimizer": self.learner.optimizer.state_dict(),
             "step": step,
         }
         _, size = ckpt.save_state(self.config.checkpoint_dir, step, self.name, state)
+        self.metrics.checkpoint(time.perf_counter() - tic)
         return size
 
     def restore(self, step: int) -> int:
@@ -316,3 +436,4 @@ class ChunkActor:
         self.abort()
         self._close_peers()
         self.server.stop(grace=1.0)
+        self.metrics.stop()

@@ -23,7 +23,8 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -164,10 +165,17 @@ def mail_key(key: ActivityKey) -> MailKey:
 
 @dataclass
 class Timeline:
-    """Spans of work per phase, in seconds since the run started (for plots)."""
+    """Spans of work per phase, in seconds since the run started (for plots).
+
+    Keeps the newest ``MAX_EVENTS`` spans; ``on_span`` (the actor's metrics) sees
+    every one.
+    """
+
+    MAX_EVENTS = 200_000
 
     origin: float = field(default_factory=time.perf_counter)
-    events: list[tuple[str, int, int, int, float, float]] = field(default_factory=list)
+    events: deque = field(default_factory=lambda: deque(maxlen=Timeline.MAX_EVENTS))
+    on_span: Callable[[str, float], None] | None = None
 
     @contextmanager
     def span(
@@ -181,6 +189,8 @@ class Timeline:
             self.events.append(
                 (phase, batch, window, micro, start - self.origin, end - self.origin)
             )
+            if self.on_span is not None:
+                self.on_span(phase, end - start)
 
     def totals(self) -> dict[str, float]:
         result: dict[str, float] = {}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 
 import grpc
@@ -38,6 +38,24 @@ from protos.service import (
 logger = logging.getLogger(__name__)
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+REJECTION_REASONS = (
+    "shape",
+    "dtype",
+    "not_finite",
+    "key",
+    "out_of_order",
+    "duplicate",
+    "frame",
+    "kind",
+    "codec",
+    "full",
+    "aborted",
+    "config",
+    "path",
+    "io",
+    "corrupt",
+    "no_state",
+)
 
 CheckpointFn = Callable[[str], tuple[str, int, int]]
 RestoreFn = Callable[[str], int]
@@ -443,6 +461,7 @@ class GrpcNeighbour:
         security: token and TLS settings.
         deadline_s: deadline of each send (the wait for mailbox room included).
         max_message_bytes: both ends' message limit.
+        interceptors: client interceptors (the actor's latency metrics).
     """
 
     def __init__(
@@ -451,11 +470,14 @@ class GrpcNeighbour:
         security: ClientSecurity | None = None,
         deadline_s: float = 120.0,
         max_message_bytes: int = codec.MAX_MESSAGE_BYTES,
+        interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (),
     ) -> None:
         self.address = address
         self.deadline_s = deadline_s
         self.max_message_bytes = max_message_bytes
         self.channel = open_channel(address, security, max_message_bytes)
+        if interceptors:
+            self.channel = grpc.intercept_channel(self.channel, *interceptors)
         self.stub = pb_grpc.CortexStub(self.channel)
         self._pending: futures.Future | None = None
         self.bytes_sent = 0

@@ -135,6 +135,18 @@ def add_distributed_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--resume", help="continue the distributed run in this directory"
     )
+    group.add_argument(
+        "--no-metrics",
+        dest="metrics",
+        action="store_false",
+        help="do not serve Prometheus /metrics from the actors",
+    )
+    group.add_argument(
+        "--prometheus-sd",
+        metavar="FILE",
+        help="write the Prometheus file_sd list of actor endpoints here "
+        "(default OUT/prometheus-targets.json)",
+    )
 
 
 def distributed_from_args(args: argparse.Namespace):
@@ -151,6 +163,8 @@ def distributed_from_args(args: argparse.Namespace):
         gpus=args.gpus,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
+        metrics=args.metrics,
+        prometheus_sd=args.prometheus_sd,
     )
 
 
@@ -206,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the README's main job")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--epochs", type=int, default=200)
+
+    from orchestrator.sweep import add_sweep_parser
+
+    add_sweep_parser(commands)
     return parser
 
 
@@ -300,6 +318,12 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from orchestrator.sweep import run_sweep_command
+
+    return run_sweep_command(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -312,6 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "compare": _compare,
         "report": _report,
         "demo": _demo,
+        "sweep": _sweep,
     }
     try:
         return handlers[args.command](args)

@@ -59,6 +59,9 @@ class DistributedConfig:
         checkpoint_every: steps between checkpoints (0: only at the start).
         resume: a run directory to continue from its newest complete checkpoint.
         max_restarts: restarts Ray grants each actor.
+        metrics: serve Prometheus ``/metrics`` from every actor.
+        prometheus_sd: where to write the Prometheus file-based service-discovery
+            list of the actors' endpoints (default ``OUT/prometheus-targets.json``).
     """
 
     schedule: str = "decoupled"
@@ -73,6 +76,8 @@ class DistributedConfig:
     resume: str | None = None
     max_restarts: int = 3
     wait_timeout: float = 120.0
+    metrics: bool = True
+    prometheus_sd: str | None = None
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -121,12 +126,17 @@ def connect_ray(address: str | None) -> None:
         ray.init(address=address, configure_logging=False)
 
 
-def make_remote_cerebellum(address: str, token: str):
+def make_remote_cerebellum(address: str, token: str, interceptors=()):
     """The cerebellum client a chunk actor uses (picklable by reference)."""
-    from cerebellum_service.client import RemoteCerebellum
-    from protos.service import ClientSecurity
+    import grpc
 
-    return RemoteCerebellum(address, ClientSecurity(token=token))
+    from cerebellum_service.client import RemoteCerebellum
+    from protos.service import ClientSecurity, open_channel
+
+    channel = open_channel(address, ClientSecurity(token=token))
+    if interceptors:
+        channel = grpc.intercept_channel(channel, *interceptors)
+    return RemoteCerebellum(address, channel=channel)
 
 
 @dataclass
@@ -181,6 +191,7 @@ class Cluster:
         self.placement_group = None
         self.record = RunRecord()
         self._cerebellum_checkpoint = 0
+        self.chunk_restarts = [0] * config.chunks
 
     # Start-up ----------------------------------------------------------------------
 
@@ -291,6 +302,7 @@ class Cluster:
                 output_size=task.output_size,
                 layers_per_chunk=config.layers_per_chunk,
                 dropout=config.dropout,
+                batch_size=config.batch_size,
             ),
             seed=config.seed,
             lr=config.lr,
@@ -313,6 +325,7 @@ class Cluster:
             max_in_flight=self.dist.max_in_flight,
             threads=config.threads,
             cerebellum_factory=make_remote_cerebellum if self.uses_cerebellum else None,
+            metrics=self.dist.metrics,
         )
 
     def _cerebellum_spec(self) -> dict[str, Any]:
@@ -323,6 +336,8 @@ class Cluster:
             "lr": self.config.cerebellum_lr,
             "token": self.token,
             "threads": self.config.threads,
+            "metrics": self.dist.metrics,
+            "run": self.run_id,
         }
 
     def wire(self) -> None:
@@ -342,6 +357,42 @@ class Cluster:
         logger.debug(
             "wired chunks %s, cerebellum %s", addresses, self.cerebellum_address
         )
+        self.write_service_discovery()
+
+    @property
+    def sd_path(self) -> Path:
+        if self.dist.prometheus_sd:
+            return Path(self.dist.prometheus_sd)
+        return self.out / "prometheus-targets.json"
+
+    def write_service_discovery(self) -> list[dict[str, Any]]:
+        """Prometheus file_sd list of every live actor's /metrics (atomic)."""
+        import ray
+
+        if not self.dist.metrics:
+            return []
+        actors = [
+            (chunk_name(k), "chunk", str(k), a) for k, a in enumerate(self.chunks)
+        ]
+        if self.cerebellum is not None:
+            actors.append((CEREBELLUM, CEREBELLUM, "", self.cerebellum))
+        endpoints = ray.get([a.metrics_address.remote() for *_, a in actors])
+        groups = [
+            {
+                "targets": [endpoint],
+                "labels": {
+                    "job": "ccdni",
+                    "run": self.run_id,
+                    "role": role,
+                    "chunk": chunk,
+                    "actor": name,
+                },
+            }
+            for (name, role, chunk, _), endpoint in zip(actors, endpoints)
+            if endpoint
+        ]
+        ckpt.atomic_write(self.sd_path, (json.dumps(groups, indent=2) + "\n").encode())
+        return groups
 
     # Checkpoints -------------------------------------------------------------------
 
@@ -467,6 +518,11 @@ class Cluster:
         ray.wait(pending, num_returns=len(pending), timeout=self.dist.wait_timeout)
         for actor in self.chunks:
             self._await_alive(actor)
+        if failed is not None:
+            self.chunk_restarts[failed] += 1
+            ray.get(
+                self.chunks[failed].set_restarts.remote(self.chunk_restarts[failed])
+            )
         self.wire()
         step = self.restore_latest()
         repeated = max(0, furthest - step)
@@ -513,6 +569,8 @@ class Cluster:
             ray.get(self.cerebellum.restore.remote(self.checkpoint_dir, step))
         self.cerebellum_address = address
         ray.get([c.set_cerebellum.remote(address) for c in self.chunks])
+        ray.get(self.cerebellum.set_restarts.remote(self.record.cerebellum_restarts))
+        self.write_service_discovery()
         logger.warning(
             "cerebellum restarted at %s (restored step %s); chunks rejoined",
             address,

@@ -310,6 +310,7 @@ def start_server(
     max_message_bytes: int = MAX_MESSAGE_BYTES,
     max_workers: int = DEFAULT_MAX_WORKERS,
     on_stop: Sequence[Callable[[], None]] = (),
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> RunningServer:
     """Build, bind and start a gRPC server.
 
@@ -327,6 +328,8 @@ def start_server(
         max_workers: threads answering calls; each open stream holds one.
         on_stop: callbacks run after the server has stopped (e.g. a servicer's
             background thread).
+        interceptors: more server interceptors, run after authentication (e.g.
+            the metrics' latency timer).
 
     Raises:
         ValueError: no token and not ``insecure``, or a bad limit.
@@ -338,7 +341,8 @@ def start_server(
         raise ValueError(f"max_workers={max_workers!r} must be at least 1")
     if not 0 <= port < 65536:
         raise ValueError(f"port={port!r} must be in [0, 65535] (0 picks a free one)")
-    interceptors = [] if security.token is None else [AuthInterceptor(security.token)]
+    auth = [] if security.token is None else [AuthInterceptor(security.token)]
+    interceptors = [*auth, *interceptors]
     if security.token is None:
         logger.warning(
             "serving on %s without authentication (--insecure-no-auth)", host
