@@ -217,9 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="plots of a run or a comparison")
     report.add_argument("run_dir")
 
-    demo = commands.add_parser("demo", help="the README's main job")
-    demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--epochs", type=int, default=200)
+    from orchestrator.demo import add_demo_parser
+
+    add_demo_parser(commands)
 
     from orchestrator.sweep import add_sweep_parser
 
@@ -308,14 +308,9 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from orchestrator import compare
+    from orchestrator.demo import run_demo
 
-    out = Path(args.out)
-    base = for_task("line", epochs=args.epochs)
-    compare.run_comparison(base, ["ccrnn", "crnn"], 1, out)
-    sys.stdout.write(compare.write_comparison(out) + "\n")
-    sys.stdout.write(f"plots: {out / 'comparison.png'}\n")
-    return 0
+    return run_demo(args)
 
 
 def _sweep(args: argparse.Namespace) -> int:

@@ -442,7 +442,7 @@ class Cluster:
         self,
         start: int,
         stop: int,
-        on_progress: Callable[[int, float | None], None] | None = None,
+        on_progress: Callable[..., None] | None = None,
         poll_s: float = 0.25,
     ) -> RunRecord:
         """Train steps ``start`` to ``stop - 1``, recovering from actor failures."""
@@ -504,7 +504,9 @@ class Cluster:
         except (RayActorError, ray.exceptions.GetTimeoutError):
             return 0
         if on_progress is not None:
-            on_progress(progress["step"], progress["last_loss"])
+            on_progress(
+                progress["step"], progress["last_loss"], progress["step_seconds"]
+            )
         return progress["step"]
 
     def _recover(self, failed: int | None, pending: list, furthest: int) -> int:
@@ -653,12 +655,48 @@ def _chunk_shapes(config: TrainConfig, task: TaskData):
     )
 
 
+class ProgressLine:
+    """The progress bar, and every ``interval_s`` a line: steps/s, loss, p50/p99.
+
+    The p50 and p99 are of the last chunk's recent step times.
+    """
+
+    def __init__(self, bar, interval_s: float = 10.0, first_step: int = 0) -> None:
+        self.bar = bar
+        self.interval_s = interval_s
+        self._last_time = time.perf_counter()
+        self._last_step = first_step
+
+    def __call__(self, step: int, loss: float | None, step_seconds=()) -> None:
+        self.bar.update(max(0, step - self.bar.n))
+        if loss is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}")
+        now = time.perf_counter()
+        if now - self._last_time < self.interval_s or not step_seconds:
+            return
+        rate = (step - self._last_step) / (now - self._last_time)
+        times = sorted(step_seconds)
+        p50 = times[len(times) // 2]
+        p99 = times[min(len(times) - 1, int(0.99 * len(times)))]
+        line = (
+            f"step {step}: {rate:.2f} steps/s, loss "
+            f"{'–' if loss is None else f'{loss:.4f}'}, chunk step p50 "
+            f"{p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms"
+        )
+        if self.bar.disable:
+            logger.info("%s", line)
+        else:
+            self.bar.write(line)
+        self._last_time, self._last_step = now, step
+
+
 def train_distributed(
     config: TrainConfig,
     dist: DistributedConfig,
     task: TaskData,
     out: str | Path,
     progress: bool = True,
+    progress_interval: float = 10.0,
 ) -> dict[str, Any]:
     """``ccdni train --distributed``: run, evaluate, write the run directory."""
     from tqdm.auto import tqdm
@@ -684,12 +722,8 @@ def train_distributed(
             desc=f"{config.task}/{dist.schedule}",
         )
 
-        def on_progress(step: int, loss: float | None) -> None:
-            bar.update(max(0, step - bar.n))
-            if loss is not None:
-                bar.set_postfix(loss=f"{loss:.4f}")
-
-        record = cluster.run(start, steps, on_progress)
+        reporter = ProgressLine(bar, interval_s=progress_interval, first_step=start)
+        record = cluster.run(start, steps, reporter)
         bar.close()
         validation = cluster.evaluate("validation")
         summary = _summary(cluster, record, validation, start, steps)
