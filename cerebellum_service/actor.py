@@ -144,6 +144,21 @@ class CerebellumActor:
     def stats(self) -> dict[str, float]:
         return self.servicer.stats()
 
+    def zone_stats(self) -> dict[str, dict[str, float]]:
+        """Per microzone: relative prediction error, cosine, updates (for logs)."""
+        cerebellum = self.servicer.cerebellum
+        if cerebellum is None:
+            return {}
+        return {
+            name: {
+                "relative_error": stats.last_relative_error,
+                "cosine": stats.last_cosine,
+                "loss": stats.last_loss,
+                "updates": stats.updates,
+            }
+            for name, stats in cerebellum.stats.items()
+        }
+
     def save_checkpoint(self, root: str, step: int) -> int:
         """Write the microzones and their optimiser for run step ``step``."""
         current = self.servicer._current

@@ -18,7 +18,7 @@ import copy
 import logging
 import threading
 from abc import ABC, abstractmethod
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -29,6 +29,8 @@ from torch import nn
 from cerebellum_service.network import Microzone
 
 logger = logging.getLogger(__name__)
+
+HISTORY = 10_000  # updates of history kept per microzone
 
 
 @dataclass(frozen=True, order=True)
@@ -78,7 +80,11 @@ class ZoneStats:
     updates: int = 0
     last_loss: float = float("nan")
     last_cosine: float = float("nan")
-    loss_history: list[float] = field(default_factory=list)
+    # Mean squared error over the mean squared target: 1 for a cerebellum that
+    # predicts nothing, whatever the scale of the feedback at this stage.
+    last_relative_error: float = float("nan")
+    loss_history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
+    relative_error_history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
 
 
 class FeedbackPredictor(ABC):
@@ -281,6 +287,9 @@ class LocalCerebellum(FeedbackPredictor):
             F.cosine_similarity(prediction.flatten(), target.flatten(), dim=0)
         )
         stats.loss_history.append(loss)
+        power = float(target.pow(2).mean())
+        stats.last_relative_error = loss / power if power > 0 else float("nan")
+        stats.relative_error_history.append(stats.last_relative_error)
 
     def state_dict(self) -> dict:
         """Weights, optimiser state and lesion flag: a copy, consistent even while

@@ -151,6 +151,8 @@ class RunRecord:
     cerebellum_restarts: int = 0
     degraded_windows: int = 0
     curve: list[dict[str, Any]] = field(default_factory=list)
+    # The cerebellum's prediction error over training, sampled every few seconds.
+    cerebellum_curve: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Cluster:
@@ -191,6 +193,7 @@ class Cluster:
         self.placement_group = None
         self.record = RunRecord()
         self._cerebellum_checkpoint = 0
+        self._last_sample = 0.0
         self.chunk_restarts = [0] * config.chunks
 
     # Start-up ----------------------------------------------------------------------
@@ -469,6 +472,7 @@ class Cluster:
                 self._watch_cerebellum()
                 furthest = max(furthest, self._report_progress(on_progress))
                 self._checkpoint_cerebellum(furthest)
+                self._sample_cerebellum(furthest)
             if self._stopping:
                 break
             if failed is None and not lost_peer:
@@ -485,6 +489,22 @@ class Cluster:
         self._stopping = True
         for actor in self.chunks:
             actor.abort.remote()
+
+    def _sample_cerebellum(self, step: int, every_s: float = 2.0) -> None:
+        import ray
+        from ray.exceptions import RayActorError
+
+        now = time.perf_counter()
+        if self.cerebellum is None or now - self._last_sample < every_s:
+            return
+        self._last_sample = now
+        try:
+            zones = ray.get(self.cerebellum.zone_stats.remote(), timeout=5)
+        except (RayActorError, ray.exceptions.GetTimeoutError):
+            return
+        record = {"step": step, "zones": zones}
+        self.record.cerebellum_curve.append(record)
+        logger.debug("step %d: cerebellum %s", step, zones)
 
     def _checkpoint_cerebellum(self, step: int) -> None:
         every = self.dist.checkpoint_every
@@ -731,6 +751,10 @@ def train_distributed(
         with (out / "curve.jsonl").open("w") as curve:
             curve.write(json.dumps(_curve_record(summary, validation, record)) + "\n")
         cluster.write_timeline(out / "timeline.json")
+        with (out / "cerebellum.jsonl").open("w") as log:
+            for sample in record.cerebellum_curve:
+                log.write(json.dumps(sample) + "\n")
+        _log_cerebellum_trend(record)
         (out / "manifest.msgpack").write_bytes(
             msgpack.packb(
                 {"run": cluster.run_id, "checkpoints": cluster.checkpoint_dir}
@@ -739,6 +763,26 @@ def train_distributed(
         return summary
     finally:
         cluster.shutdown()
+
+
+def _log_cerebellum_trend(record: RunRecord) -> None:
+    """Say how each microzone's relative prediction error moved over the run."""
+    curve = [c for c in record.cerebellum_curve if c["zones"]]
+    if len(curve) < 2:
+        return
+    first, last = curve[0], curve[-1]
+    for zone in last["zones"]:
+        before = first["zones"].get(zone, {}).get("relative_error")
+        after = last["zones"][zone]["relative_error"]
+        logger.info(
+            "cerebellum %s: relative prediction error %.3f at step %d -> %.3f at "
+            "step %d",
+            zone,
+            before,
+            first["step"],
+            after,
+            last["step"],
+        )
 
 
 def _summary(cluster: Cluster, record: RunRecord, validation, start: int, steps: int):
