@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from cortex_service.runtime import SCHEDULES
+from orchestrator.bench import add_bench_parser, run_bench_command
 from orchestrator.config import (
     MODELS,
     UPDATES,
@@ -224,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     from orchestrator.sweep import add_sweep_parser
 
     add_sweep_parser(commands)
+    add_bench_parser(commands)
     return parser
 
 
@@ -332,6 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "report": _report,
         "demo": _demo,
         "sweep": _sweep,
+        "bench": run_bench_command,
     }
     try:
         return handlers[args.command](args)

@@ -1,0 +1,1818 @@
+"""``ccdni bench``: the wall-clock speed of every schedule on the same network.
+
+One invocation trains the same cortical network, cut into the same chunks, under
+each of ccdni's schedules (``locked``, ``pipelined``, ``decoupled``) and under
+PyTorch's own pipeline schedules (``torch-gpipe``, ``torch-1f1b``; see
+:mod:`orchestrator.baselines.torch_pipeline`). Every contender is started once,
+warmed up, reset to the initial weights, and then measured in turns::
+
+    start all ─ warm-up all ─┬─ repeat 0: A B C D E ─┬─ repeat 1: A B C D E ─ …
+                             └ each turn: reset to step 0, train --steps steps in
+                               segments of --eval-every, evaluate between segments
+                               with the clock stopped
+
+so that drift in the machine's load hits every contender alike. A turn is one
+independent run from the same initial weights on the same batches: its speed
+(steps per second over the measured segments), its learning curve against
+measured seconds, the validation loss and metric it reaches after a fixed
+number of examples, and the measured seconds it needs to reach a target
+validation loss. A segment's seconds run from the first span of work on any
+actor to the last (ccdni), or between two barriers (PyTorch): start-up,
+evaluation and the driver's bookkeeping are outside.
+
+From every actor's timeline the bench also derives where time goes (computing,
+asking the cerebellum, sending, waiting), and from ``/proc`` each process's CPU
+time and peak resident memory and how busy the whole machine was meanwhile.
+
+With ``--sweep-chunks`` it measures throughput again for other numbers of chunks
+(speed-up against the number of chunks). It writes ``bench.json`` (the
+configuration and, per schedule and per baseline, steps per second, speed-up over
+``locked`` and the loss reached; :data:`BENCH_SCHEMA` describes it), ``bench.md``
+and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from cortex_service.runtime import SCHEDULES
+from orchestrator.baselines.torch_pipeline import SCHEDULES as TORCH_SCHEDULES
+from orchestrator.config import MODELS, ConfigError, TrainConfig, for_task
+from orchestrator.tasks.base import TaskData
+
+logger = logging.getLogger(__name__)
+
+ALL_SCHEDULES: tuple[str, ...] = (*SCHEDULES, *TORCH_SCHEDULES)
+COMPUTE_PHASES = ("forward", "backward", "update")
+WAIT_PHASES = ("predict", "send", "wait_input", "wait_feedback")
+DOC_BEGIN = "<!-- bench:begin (written by scripts/bench.sh; do not edit) -->"
+DOC_END = "<!-- bench:end -->"
+
+
+# Configuration ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What ``ccdni bench`` measures; see ``ccdni bench --help``.
+
+    Attributes:
+        task: the task (its sequences, inputs and loss).
+        model: ``crnn`` (no cerebellum, so only ``decoupled`` uses one, for the
+            spatial cut between chunks), ``ccrnn`` (state microzones on every
+            ccdni schedule) or ``bptt`` (one window). The PyTorch baselines have
+            no cerebellum: they always train truncated BPTT.
+        chunks: K, chunks of the cortex (one actor or process each).
+        layers_per_chunk: LSTM layers per chunk.
+        hidden_size: LSTM units per layer.
+        truncation: window length T.
+        seq_len: steps per sequence; only the task's own length is accepted.
+        batch_size: sequences per batch.
+        micro_batches: M for ``pipelined`` and the PyTorch schedules.
+        steps: batches per measured run.
+        repeats: measured runs per contender, interleaved.
+        warmup: batches each contender trains (then forgets) before measuring.
+        eval_every: batches between evaluations (the clock stops for them).
+        schedules: contenders, in the order they take turns.
+        threads: torch threads per actor or process.
+        n_train: cap on training sequences (``None``: the task's own).
+        target_loss: validation loss for time-to-target (``None``: the loss every
+            contender reached, see :func:`choose_target`).
+        sweep_chunks: other numbers of chunks to measure throughput at.
+        sweep_steps: batches per run in the sweep.
+        seed: weights and batch order.
+        cpus_per_actor: Ray's CPU reservation per actor without GPUs (bookkeeping
+            only: it does not pin or limit anything).
+        ray_address: join this Ray cluster (``None``: start a local one).
+        gpus: one GPU per actor (``None``: when the cluster has enough).
+        fresh: start every contender anew for each repeat instead of keeping all
+            of them alive (needed where the cluster cannot hold them at once).
+        metrics: serve Prometheus ``/metrics`` from the actors, as a training run
+            does (the bench itself reads nothing from it).
+        timeline_seconds: seconds of the representative timelines to draw.
+    """
+
+    task: str = "patterns"
+    model: str = "crnn"
+    chunks: int = 2
+    layers_per_chunk: int = 1
+    hidden_size: int = 256
+    truncation: int = 7
+    seq_len: int | None = None
+    batch_size: int = 64
+    micro_batches: int = 4
+    steps: int = 60
+    repeats: int = 3
+    warmup: int = 3
+    eval_every: int = 10
+    schedules: tuple[str, ...] = ALL_SCHEDULES
+    threads: int = 1
+    n_train: int | None = None
+    target_loss: float | None = None
+    sweep_chunks: tuple[int, ...] = ()
+    sweep_steps: int = 20
+    seed: int = 0
+    cpus_per_actor: float = 0.5
+    ray_address: str | None = None
+    gpus: bool | None = None
+    fresh: bool = False
+    metrics: bool = True
+    timeline_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ConfigError(f"--model {self.model!r}: choose one of {MODELS}")
+        positive = {
+            "--chunks": self.chunks,
+            "--layers-per-chunk": self.layers_per_chunk,
+            "--hidden": self.hidden_size,
+            "--truncation": self.truncation,
+            "--batch-size": self.batch_size,
+            "--micro-batches": self.micro_batches,
+            "--steps": self.steps,
+            "--repeats": self.repeats,
+            "--eval-every": self.eval_every,
+            "--threads": self.threads,
+            "--sweep-steps": self.sweep_steps,
+        }
+        for flag, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{flag} must be at least 1, got {value}")
+        if self.warmup < 0:
+            raise ConfigError(f"--warmup must be 0 or more, got {self.warmup}")
+        if not self.schedules:
+            raise ConfigError("--schedules is empty: name at least one schedule")
+        unknown = [s for s in self.schedules if s not in ALL_SCHEDULES]
+        if unknown:
+            raise ConfigError(
+                f"--schedules: unknown {', '.join(unknown)}; choose from "
+                f"{', '.join(ALL_SCHEDULES)}"
+            )
+        if len(set(self.schedules)) != len(self.schedules):
+            raise ConfigError(f"--schedules names one twice: {self.schedules}")
+        bad = [k for k in self.sweep_chunks if k < 1]
+        if bad:
+            raise ConfigError(f"--sweep-chunks must be at least 1, got {bad}")
+        if self.target_loss is not None and not self.target_loss > 0:
+            raise ConfigError(f"--target-loss must be positive, got {self.target_loss}")
+        if self.micro_batches > self.batch_size:
+            raise ConfigError(
+                f"--micro-batches {self.micro_batches} exceeds --batch-size "
+                f"{self.batch_size}"
+            )
+        if "torch-1f1b" in self.schedules:
+            smallest = min((self.chunks, *self.sweep_chunks))
+            largest = max((self.chunks, *self.sweep_chunks))
+            if self.micro_batches < largest:
+                raise ConfigError(
+                    f"torch-1f1b needs --micro-batches >= --chunks; got "
+                    f"{self.micro_batches} for up to {largest} chunks (smallest "
+                    f"{smallest}): raise --micro-batches or drop torch-1f1b"
+                )
+
+    def train_config(self, chunks: int | None = None) -> TrainConfig:
+        """The training configuration every contender shares."""
+        return for_task(
+            self.task,
+            model=self.model,
+            chunks=chunks or self.chunks,
+            layers_per_chunk=self.layers_per_chunk,
+            hidden_size=self.hidden_size,
+            truncation=self.truncation,
+            batch_size=self.batch_size,
+            threads=self.threads,
+            n_train=self.n_train,
+            seed=self.seed,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        record = dataclasses.asdict(self)
+        record["schedules"] = list(self.schedules)
+        record["sweep_chunks"] = list(self.sweep_chunks)
+        return record
+
+
+QUICK = dict(
+    hidden_size=32,
+    batch_size=32,
+    steps=4,
+    repeats=2,
+    warmup=1,
+    eval_every=2,
+    n_train=128,
+)
+"""What ``--quick`` changes (flags given explicitly still win): a smoke run."""
+
+
+# Contenders ------------------------------------------------------------------------
+
+
+@dataclass
+class Segment:
+    """One stretch of training between two evaluations.
+
+    Attributes:
+        seconds: the measured seconds (see the module docstring).
+        driver_seconds: the same stretch timed by the driver, overheads included.
+        losses: training loss per step.
+        events: spans ``{chunk, phase, batch, window, micro, start, end}``,
+            seconds since the epoch.
+        cpu: CPU seconds each process spent meanwhile (where ``/proc`` tells).
+        machine_busy: cores the whole machine kept busy meanwhile, on average.
+    """
+
+    seconds: float
+    driver_seconds: float
+    losses: dict[int, float]
+    events: list[dict[str, Any]]
+    cpu: dict[str, float] = field(default_factory=dict)
+    machine_busy: float | None = None
+
+
+class Contender(Protocol):
+    """A way of training the network that the bench can time."""
+
+    name: str
+    kind: str  # "ccdni" or "torch"
+
+    def launch(self) -> None: ...
+
+    def reset(self) -> None: ...
+
+    def train(self, start: int, stop: int) -> tuple[float, dict[int, float], list]: ...
+
+    def evaluate(self) -> dict[str, Any]: ...
+
+    def pids(self) -> dict[str, int]: ...
+
+    def peak_rss(self) -> dict[str, int | None]: ...
+
+    def shutdown(self) -> None: ...
+
+
+class RaySchedule:
+    """One of ccdni's schedules, as a :class:`~orchestrator.cluster.Cluster`."""
+
+    kind = "ccdni"
+
+    def __init__(
+        self,
+        name: str,
+        config: TrainConfig,
+        bench: BenchConfig,
+        task: TaskData,
+        scratch: Path,
+        cpus_per_actor: float,
+    ) -> None:
+        from orchestrator.cluster import Cluster, DistributedConfig
+
+        self.name = name
+        dist = DistributedConfig(
+            schedule=name,
+            micro_batches=bench.micro_batches if name == "pipelined" else 1,
+            checkpoint_every=0,
+            ray_address=bench.ray_address,
+            cpus_per_actor=cpus_per_actor,
+            gpus=bench.gpus,
+            metrics=bench.metrics,
+        )
+        self.cluster = Cluster(config, dist, task, scratch / f"{name}-k{config.chunks}")
+        self._pids: dict[str, int] = {}
+
+    def launch(self) -> None:
+        import ray
+
+        self.cluster.start()
+        # The step-0 checkpoint is what reset() goes back to.
+        self.cluster.save_checkpoint(0)
+        names = self.cluster.actor_names
+        handles = list(self.cluster.chunks)
+        if self.cluster.cerebellum is not None:
+            handles.append(self.cluster.cerebellum)
+        self._pids = dict(zip(names, ray.get([h.pid.remote() for h in handles])))
+
+    def reset(self) -> None:
+        self.cluster.restore_latest()
+
+    def train(self, start: int, stop: int):
+        began = time.time()
+        record = self.cluster.run(start, stop)
+        events = [e for e in _cluster_events(self.cluster) if e["start"] >= began]
+        losses = {s: v for s, v in record.losses.items() if start <= s < stop}
+        if len(losses) != stop - start:
+            raise RuntimeError(
+                f"{self.name}: got losses for {len(losses)} of {stop - start} steps "
+                f"(restarts {record.restarts})"
+            )
+        if record.restarts:
+            logger.warning(
+                "%s: %d actor restarts during the measurement; its numbers include "
+                "recovery",
+                self.name,
+                record.restarts,
+            )
+        seconds = _span(events)
+        return seconds, losses, events
+
+    def evaluate(self) -> dict[str, Any]:
+        return self.cluster.evaluate("validation")
+
+    def pids(self) -> dict[str, int]:
+        return dict(self._pids)
+
+    def peak_rss(self) -> dict[str, int | None]:
+        return {name: _peak_rss(pid) for name, pid in self._pids.items()}
+
+    def shutdown(self) -> None:
+        self.cluster.shutdown()
+
+
+class TorchSchedule:
+    """A PyTorch pipeline schedule on the same chunks (the external baseline)."""
+
+    kind = "torch"
+
+    def __init__(
+        self, name: str, config: TrainConfig, bench: BenchConfig, task: TaskData
+    ) -> None:
+        from orchestrator.baselines.torch_pipeline import TorchPipeline
+
+        self.name = name
+        self.task = task
+        # The baselines have no cerebellum: truncated BPTT whatever --model says.
+        crnn = config.replace(model="crnn") if config.model == "ccrnn" else config
+        self.pipeline = TorchPipeline(
+            crnn, name, bench.micro_batches, device=_torch_device(config.chunks)
+        )
+
+    def launch(self) -> None:
+        self.pipeline.start()
+
+    def reset(self) -> None:
+        self.pipeline.reset()
+
+    def train(self, start: int, stop: int):
+        segment = self.pipeline.run(start, stop)
+        return segment.seconds, segment.losses, segment.events
+
+    def evaluate(self) -> dict[str, Any]:
+        return self.pipeline.evaluate(self.task)
+
+    def pids(self) -> dict[str, int]:
+        return self.pipeline.pids()
+
+    def peak_rss(self) -> dict[str, int | None]:
+        # The stages report their own peak too, for machines without /proc.
+        return {
+            name: _peak_rss(pid) or self.pipeline.peak_rss.get(name)
+            for name, pid in self.pids().items()
+        }
+
+    def shutdown(self) -> None:
+        self.pipeline.shutdown()
+
+
+def _torch_device(chunks: int) -> str:
+    """CUDA (NCCL) for the baseline when every stage can have a GPU, else CPU."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() >= chunks:
+        return "cuda"
+    return "cpu"
+
+
+def _cluster_events(cluster) -> list[dict[str, Any]]:
+    """Every chunk's spans on the epoch clock, from the cluster's last collection."""
+    events = []
+    for index, result in enumerate(cluster.timelines):
+        offset = result["wall_origin"] + result["timeline_origin"]
+        for phase, batch, window, micro, start, end in result["timeline"]:
+            events.append(
+                dict(
+                    chunk=index,
+                    phase=phase,
+                    batch=batch,
+                    window=window,
+                    micro=micro,
+                    start=start + offset,
+                    end=end + offset,
+                )
+            )
+    return events
+
+
+def _span(events: list[dict[str, Any]]) -> float:
+    if not events:
+        raise RuntimeError("a measured segment recorded no spans of work")
+    return max(e["end"] for e in events) - min(e["start"] for e in events)
+
+
+# Process and machine readings (Linux /proc; None elsewhere) ------------------------
+
+
+def _proc_cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU seconds of process ``pid``, from ``/proc``."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def _peak_rss(pid: int) -> int | None:
+    """Peak resident memory of ``pid`` in bytes (``VmHWM``)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _machine_ticks() -> tuple[int, int] | None:
+    """(busy, total) jiffies of every CPU together, from ``/proc/stat``."""
+    try:
+        first = Path("/proc/stat").read_text().splitlines()[0].split()
+    except OSError:
+        return None
+    values = [int(v) for v in first[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    return sum(values) - idle, sum(values)
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def measure(contender: Contender, start: int, stop: int) -> Segment:
+    """Train ``start`` to ``stop - 1`` and read what the processes spent."""
+    pids = contender.pids()
+    pids["driver"] = os.getpid()
+    cpu_before = {name: _proc_cpu_seconds(pid) for name, pid in pids.items()}
+    ticks_before = _machine_ticks()
+    began = time.perf_counter()
+
+    seconds, losses, events = contender.train(start, stop)
+
+    driver_seconds = time.perf_counter() - began
+    ticks_after = _machine_ticks()
+    cpu = {}
+    for name, pid in pids.items():
+        after = _proc_cpu_seconds(pid)
+        if after is not None and cpu_before[name] is not None:
+            cpu[name] = after - cpu_before[name]
+    busy = None
+    if ticks_before and ticks_after and ticks_after[1] > ticks_before[1]:
+        share = (ticks_after[0] - ticks_before[0]) / (ticks_after[1] - ticks_before[1])
+        busy = share * (os.cpu_count() or 1)
+    return Segment(seconds, driver_seconds, losses, events, cpu, busy)
+
+
+# Running ---------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One measured run of one contender from the initial weights.
+
+    Attributes:
+        segments: the stretches between evaluations.
+        curve: an evaluation before the first segment and after each.
+        actor_names: the contender's processes (``chunk-k``, ``cerebellum``).
+        peak_rss: peak resident bytes of each, read after the run.
+    """
+
+    segments: list[Segment] = field(default_factory=list)
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    actor_names: list[str] = field(default_factory=list)
+    peak_rss: dict[str, int | None] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        return sum(s.seconds for s in self.segments)
+
+    @property
+    def steps(self) -> int:
+        return sum(len(s.losses) for s in self.segments)
+
+    @property
+    def steps_per_second(self) -> float:
+        return self.steps / self.seconds
+
+
+def batch_rows(task: TaskData, batch_size: int, step: int) -> int:
+    """Sequences in batch ``step`` (the last batch of an epoch may be short)."""
+    n = len(task.train)
+    per_epoch = -(-n // batch_size)
+    position = step % per_epoch
+    return min(batch_size, n - position * batch_size)
+
+
+def run_once(
+    contender: Contender, bench: BenchConfig, task: TaskData, steps: int, evaluate: bool
+) -> Run:
+    """Reset ``contender`` and train ``steps`` batches, evaluating between segments.
+
+    Segments are ``bench.eval_every`` batches long either way, so that runs with
+    and without evaluations (the sweep) pay the same pipeline fill and drain.
+    """
+    contender.reset()
+    run = Run(actor_names=list(contender.pids()))
+    every = bench.eval_every
+    examples = 0
+    seconds = 0.0
+    if evaluate:
+        run.curve.append(_curve_point(contender.evaluate(), 0, 0, 0.0, None))
+    for start in range(0, steps, every):
+        stop = min(start + every, steps)
+        segment = measure(contender, start, stop)
+        run.segments.append(segment)
+        seconds += segment.seconds
+        examples += sum(
+            batch_rows(task, bench.batch_size, s) for s in range(start, stop)
+        )
+        if evaluate:
+            train_loss = statistics.fmean(segment.losses.values())
+            run.curve.append(
+                _curve_point(contender.evaluate(), stop, examples, seconds, train_loss)
+            )
+    run.peak_rss = contender.peak_rss()
+    return run
+
+
+def _curve_point(validation, step, examples, seconds, train_loss) -> dict[str, Any]:
+    return {
+        "step": step,
+        "examples": examples,
+        "seconds": seconds,
+        "train_loss": train_loss,
+        "validation_loss": validation["loss"],
+        "metric": validation["metric"],
+        "metric_name": validation["metric_name"],
+    }
+
+
+def build_contenders(
+    bench: BenchConfig, task: TaskData, scratch: Path, cpus_per_actor: float
+) -> list[Contender]:
+    """One contender per schedule of ``bench``, not yet started."""
+    config = bench.train_config()
+    contenders: list[Contender] = []
+    for name in bench.schedules:
+        if name in TORCH_SCHEDULES:
+            contenders.append(TorchSchedule(name, config, bench, task))
+        else:
+            contenders.append(
+                RaySchedule(name, config, bench, task, scratch, cpus_per_actor)
+            )
+    return contenders
+
+
+def launch_all(contenders: Sequence[Contender], warmup: int) -> None:
+    """Start every contender at once (start-up is not measured), then warm up."""
+    with ThreadPoolExecutor(max_workers=len(contenders)) as pool:
+        for future in [pool.submit(c.launch) for c in contenders]:
+            future.result()
+    for contender in contenders:
+        if warmup:
+            contender.reset()
+            contender.train(0, warmup)
+        logger.info("%s: started and warmed up (%d steps)", contender.name, warmup)
+
+
+def shutdown_all(contenders: Sequence[Contender]) -> None:
+    for contender in contenders:
+        try:
+            contender.shutdown()
+        except Exception as error:  # one failed shutdown must not hide the others
+            logger.warning("%s: shutdown failed: %s", contender.name, error)
+
+
+def run_interleaved(
+    bench: BenchConfig,
+    task: TaskData,
+    scratch: Path,
+    cpus_per_actor: float,
+    evaluate: bool = True,
+) -> dict[str, list[Run]]:
+    """Every contender's ``bench.repeats`` runs, taken in turns (A B C A B C …).
+
+    All contenders stay alive throughout, idle but for their turn; with
+    ``bench.fresh`` each turn starts and warms up its contender anew instead.
+    """
+    runs: dict[str, list[Run]] = {name: [] for name in bench.schedules}
+    if bench.fresh:
+        for repeat in range(bench.repeats):
+            for name in bench.schedules:
+                alone = dataclasses.replace(bench, schedules=(name,))
+                (contender,) = build_contenders(alone, task, scratch, cpus_per_actor)
+                try:
+                    launch_all([contender], bench.warmup)
+                    run = run_once(contender, bench, task, bench.steps, evaluate)
+                finally:
+                    shutdown_all([contender])
+                runs[name].append(run)
+                _log_run(name, bench.chunks, repeat, run)
+        return runs
+
+    contenders = build_contenders(bench, task, scratch, cpus_per_actor)
+    try:
+        launch_all(contenders, bench.warmup)
+        for repeat in range(bench.repeats):
+            for contender in contenders:
+                run = run_once(contender, bench, task, bench.steps, evaluate)
+                runs[contender.name].append(run)
+                _log_run(contender.name, bench.chunks, repeat, run)
+    finally:
+        shutdown_all(contenders)
+    return runs
+
+
+def _log_run(name: str, chunks: int, repeat: int, run: Run) -> None:
+    logger.info(
+        "%s on %d chunks, run %d: %.2f steps/s (load average %s)",
+        name,
+        chunks,
+        repeat,
+        run.steps_per_second,
+        load_average(),
+    )
+
+
+def _ray_actor_count(schedules: Sequence[str], chunks: int, model: str) -> int:
+    return sum(
+        chunks + (model == "ccrnn" or (s == "decoupled" and chunks > 1))
+        for s in schedules
+        if s in SCHEDULES
+    )
+
+
+def prepare_ray(bench: BenchConfig) -> float:
+    """Join or start Ray; returns the CPU reservation per actor that lets all fit."""
+    ray_schedules = [s for s in bench.schedules if s in SCHEDULES]
+    if not ray_schedules:
+        return bench.cpus_per_actor
+    import ray
+
+    from orchestrator.cluster import RAY_DEFAULTS, connect_ray
+
+    # Every contender of the largest configuration is alive at once.
+    largest = max((bench.chunks, *bench.sweep_chunks))
+    alive = bench.schedules if not bench.fresh else ray_schedules[:1]
+    actors = _ray_actor_count(alive, largest, bench.model) or 1
+    if not ray.is_initialized():
+        if bench.ray_address is None:
+            for name, value in RAY_DEFAULTS.items():
+                os.environ.setdefault(name, value)
+            logger.info("starting a local Ray cluster")
+            ray.init(
+                num_cpus=max(os.cpu_count() or 1, math.ceil(actors * 0.5)),
+                include_dashboard=False,
+                configure_logging=False,
+                log_to_driver=False,
+            )
+        else:
+            connect_ray(bench.ray_address)
+    cpus = ray.cluster_resources().get("CPU", 0)
+    # Ray's CPU reservation is bookkeeping; shrink it so that every actor fits.
+    if not cpus:
+        return bench.cpus_per_actor
+    return min(bench.cpus_per_actor, math.floor(100 * cpus / actors) / 100)
+
+
+def needs_fresh(bench: BenchConfig) -> bool:
+    """Whether the contenders cannot all hold a GPU per actor at once."""
+    import ray
+
+    if bench.fresh or not ray.is_initialized() or bench.gpus is False:
+        return bench.fresh
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    largest = max((bench.chunks, *bench.sweep_chunks))
+    return bool(gpus) and _ray_actor_count(bench.schedules, largest, bench.model) > gpus
+
+
+# Summaries -------------------------------------------------------------------------
+
+
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """Median, minimum, maximum and every value."""
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "runs": list(values),
+    }
+
+
+def phase_seconds(runs: Sequence[Run]) -> dict[int, dict[str, float]]:
+    """Seconds each chunk spent in each phase, over every segment of ``runs``."""
+    totals: dict[int, dict[str, float]] = {}
+    for run in runs:
+        for segment in run.segments:
+            for event in segment.events:
+                chunk = totals.setdefault(event["chunk"], {})
+                chunk[event["phase"]] = (
+                    chunk.get(event["phase"], 0.0) + event["end"] - event["start"]
+                )
+    return totals
+
+
+def phase_seconds_per_step(runs: Sequence[Run], chunks: int) -> list[dict[str, float]]:
+    """Each chunk's seconds per step in each phase (zero where it has none)."""
+    steps = sum(r.steps for r in runs)
+    totals = phase_seconds(runs)
+    return [
+        {
+            p: totals.get(k, {}).get(p, 0.0) / steps
+            for p in (*COMPUTE_PHASES, *WAIT_PHASES)
+        }
+        for k in range(chunks)
+    ]
+
+
+def actor_breakdown(runs: Sequence[Run]) -> dict[str, dict[str, Any]]:
+    """Per actor: shares of the measured seconds by phase, CPU, peak memory.
+
+    Shares are of the summed segment seconds of every run. ``busy`` is computing
+    (forward, backward, update); ``other`` is what no span covers: Python between
+    spans and loading batches, and for the PyTorch stages every transfer and
+    wait too (its schedules do not expose them). ``cpu`` is CPU seconds per
+    second of the driver's clock over the same segments (1.0: one core flat out).
+    """
+    wall = sum(r.seconds for r in runs)
+    driver_wall = sum(s.driver_seconds for r in runs for s in r.segments)
+    totals = phase_seconds(runs)
+    result: dict[str, dict[str, Any]] = {}
+    for name in [*runs[0].actor_names, "driver"]:
+        entry: dict[str, Any] = {}
+        if name.startswith("chunk-"):
+            phases = totals.get(int(name.split("-")[1]), {})
+            shares = {
+                p: phases.get(p, 0.0) / wall for p in (*COMPUTE_PHASES, *WAIT_PHASES)
+            }
+            entry["busy"] = sum(shares[p] for p in COMPUTE_PHASES)
+            entry.update(shares)
+            entry["other"] = max(0.0, 1.0 - sum(shares.values()))
+        cpu = [s.cpu.get(name) for r in runs for s in r.segments]
+        entry["cpu"] = (
+            sum(cpu) / driver_wall if cpu and None not in cpu and driver_wall else None
+        )
+        peaks = [r.peak_rss.get(name) for r in runs if r.peak_rss.get(name)]
+        entry["peak_rss_bytes"] = max(peaks) if peaks else None
+        result[name] = entry
+    return result
+
+
+def ideal_speedups(
+    per_step: dict[str, list[dict[str, float]]], chunks: int, micro: int
+) -> dict[str, float | None]:
+    """What each schedule could reach over ``locked``, from the measured costs.
+
+    ``c_k`` is chunk k's compute per step (forward, backward, update) measured
+    under ``locked``, where one chunk computes at a time. ``locked`` pays the sum
+    of the ``c_k`` per step. ``decoupled`` pays at best the largest ``c_k`` plus
+    that chunk's wait for predicted feedback (measured under ``decoupled``): K
+    minus the cerebellum's cost when the chunks are equal. ``pipelined`` and the
+    PyTorch schedules pay (M + K − 1)/M times the largest ``c_k``: K·M/(M + K − 1)
+    when the chunks are equal.
+    """
+    reference = per_step.get("locked") or next(iter(per_step.values()), None)
+    if not reference:
+        return {}
+    compute = [sum(chunk[p] for p in COMPUTE_PHASES) for chunk in reference]
+    total = sum(compute)
+    if not total:
+        return {}
+    result: dict[str, float | None] = {}
+    for name in per_step:
+        if name == "locked":
+            result[name] = 1.0
+        elif name == "decoupled":
+            predict = [chunk["predict"] for chunk in per_step[name]]
+            result[name] = total / max(c + p for c, p in zip(compute, predict))
+        else:
+            result[name] = total / (max(compute) * (micro + chunks - 1) / micro)
+    return result
+
+
+def choose_target(curves: dict[str, list[list[dict[str, Any]]]]) -> float | None:
+    """The validation loss that every run reached: the worst of their bests.
+
+    The target is the highest of the runs' lowest validation losses, so the run
+    that learns least well reaches it only at its best point, and a contender
+    that runs fast but learns worse shows it in its time to the target.
+    """
+    bests = [
+        min(p["validation_loss"] for p in curve)
+        for runs in curves.values()
+        for curve in runs
+        if curve
+    ]
+    return max(bests) if bests else None
+
+
+def time_to_target(curve: list[dict[str, Any]], target: float) -> float | None:
+    """Measured seconds to the first evaluation at or below ``target``."""
+    for point in curve:
+        if point["validation_loss"] <= target:
+            return point["seconds"]
+    return None
+
+
+def summarise(
+    bench: BenchConfig, task: TaskData, runs: dict[str, list[Run]]
+) -> dict[str, Any]:
+    """bench.json's target, ``schedules`` and ``baselines`` from the runs."""
+    per_step = {n: phase_seconds_per_step(rs, bench.chunks) for n, rs in runs.items()}
+    ideals = ideal_speedups(per_step, bench.chunks, bench.micro_batches)
+    curves = {name: [r.curve for r in rs] for name, rs in runs.items()}
+    target = bench.target_loss or choose_target(curves)
+    locked_rates = [r.steps_per_second for r in runs.get("locked", [])]
+    records = {}
+    for name, rs in runs.items():
+        rates = [r.steps_per_second for r in rs]
+        examples = [
+            sum(batch_rows(task, bench.batch_size, s) for s in range(r.steps))
+            / r.seconds
+            for r in rs
+        ]
+        ccdni = name in SCHEDULES
+        record: dict[str, Any] = {
+            "kind": "ccdni" if ccdni else "torch",
+            "model": bench.model if ccdni else "crnn",
+            "uses_cerebellum": "cerebellum" in rs[0].actor_names,
+            "steps_per_second": statistics.median(rates),
+            "steps_per_second_spread": spread(rates),
+            "examples_per_second": statistics.median(examples),
+            "examples_per_second_spread": spread(examples),
+            "speedup": None,
+            "speedup_spread": None,
+            "ideal_speedup": ideals.get(name),
+        }
+        if locked_rates:
+            record["speedup"] = record["steps_per_second"] / statistics.median(
+                locked_rates
+            )
+            record["speedup_spread"] = spread(
+                [a / b for a, b in zip(rates, locked_rates)]
+            )
+        final = [r.curve[-1] for r in rs]
+        record.update(
+            examples=final[0]["examples"],
+            train_loss=statistics.median(p["train_loss"] for p in final),
+            validation_loss=statistics.median(p["validation_loss"] for p in final),
+            validation_loss_spread=spread([p["validation_loss"] for p in final]),
+            metric=statistics.median(p["metric"] for p in final),
+            metric_name=final[0]["metric_name"],
+        )
+        times = [time_to_target(r.curve, target) for r in rs] if target else []
+        reached = [t for t in times if t is not None]
+        record["time_to_target"] = {
+            "seconds": statistics.median(reached)
+            if times and len(reached) == len(times)
+            else None,
+            "reached": len(reached),
+            "runs": times,
+            "speedup": None,
+        }
+        busy = [s.machine_busy for r in rs for s in r.segments]
+        record["machine_busy_cores"] = (
+            statistics.median(busy) if busy and None not in busy else None
+        )
+        record["actors"] = actor_breakdown(rs)
+        record["phase_seconds_per_step"] = {
+            f"chunk-{k}": v for k, v in enumerate(per_step[name])
+        }
+        record["runs"] = [
+            {
+                "seconds": r.seconds,
+                "steps": r.steps,
+                "driver_seconds": sum(s.driver_seconds for s in r.segments),
+                "curve": r.curve,
+            }
+            for r in rs
+        ]
+        records[name] = record
+
+    reference = records.get("locked", {}).get("time_to_target", {}).get("seconds")
+    for record in records.values():
+        own = record["time_to_target"]["seconds"]
+        if reference and own:
+            record["time_to_target"]["speedup"] = reference / own
+    return {
+        "target_loss": target,
+        "target_source": "given" if bench.target_loss else "auto",
+        "schedules": {n: r for n, r in records.items() if n in SCHEDULES},
+        "baselines": {n: r for n, r in records.items() if n in TORCH_SCHEDULES},
+    }
+
+
+def summarise_sweep(
+    bench: BenchConfig, points: dict[int, dict[str, list[Run]]]
+) -> dict[str, Any]:
+    """Throughput and speed-up over ``locked`` at each number of chunks."""
+    result = []
+    for chunks in sorted(points):
+        runs = points[chunks]
+        per_step = {n: phase_seconds_per_step(rs, chunks) for n, rs in runs.items()}
+        ideals = ideal_speedups(per_step, chunks, bench.micro_batches)
+        rates = {
+            n: statistics.median(r.steps_per_second for r in rs)
+            for n, rs in runs.items()
+        }
+        result.append(
+            {
+                "chunks": chunks,
+                "schedules": {
+                    name: {
+                        "steps_per_second": rate,
+                        "speedup": rate / rates["locked"]
+                        if "locked" in rates
+                        else None,
+                        "ideal_speedup": ideals.get(name),
+                    }
+                    for name, rate in rates.items()
+                },
+            }
+        )
+    return {"steps": bench.sweep_steps, "repeats": bench.repeats, "points": result}
+
+
+def machine_record() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import ray
+    import torch
+
+    model = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpus = [
+        torch.cuda.get_device_name(i)
+        for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    ]
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "gpus": gpus,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+    }
+
+
+# Plots -----------------------------------------------------------------------------
+
+COLOURS = {
+    "locked": "tab:gray",
+    "pipelined": "tab:orange",
+    "decoupled": "tab:blue",
+    "torch-gpipe": "tab:green",
+    "torch-1f1b": "tab:red",
+}
+BREAKDOWN = (
+    ("busy", "computing", "tab:blue"),
+    ("predict", "predict", "tab:purple"),
+    ("send", "send", "tab:gray"),
+    ("wait_input", "wait for input", "#cccccc"),
+    ("wait_feedback", "wait for feedback", "#999999"),
+    ("other", "other", "#eeeeee"),
+)
+
+
+def _records(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {**result["schedules"], **result["baselines"]}
+
+
+def plot_loss_vs_time(result: dict[str, Any], path: Path) -> Path:
+    """Validation loss against measured seconds, every run of every contender."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, record in _records(result).items():
+        for index, run in enumerate(record["runs"]):
+            curve = run["curve"]
+            ax.plot(
+                [p["seconds"] for p in curve],
+                [p["validation_loss"] for p in curve],
+                marker=".",
+                color=COLOURS.get(name),
+                alpha=0.8 if index == 0 else 0.35,
+                label=name if index == 0 else None,
+            )
+    if result["target_loss"]:
+        ax.axhline(result["target_loss"], ls="--", color="black", lw=0.8)
+        ax.annotate(
+            "target",
+            (0, result["target_loss"]),
+            textcoords="offset points",
+            xytext=(2, 3),
+            fontsize=8,
+        )
+    ax.set(
+        xlabel="measured seconds (evaluation excluded)",
+        ylabel="validation loss",
+        title="loss against wall-clock time, every run",
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_sweep(result: dict[str, Any], path: Path) -> Path:
+    """Speed-up over ``locked`` against the number of chunks, with ideal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = result["sweep"]
+    micro = result["config"]["micro_batches"]
+    chunks = [p["chunks"] for p in sweep["points"]]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    names = sorted(
+        {n for p in sweep["points"] for n in p["schedules"]}, key=ALL_SCHEDULES.index
+    )
+    for name in names:
+        xs, ys = [], []
+        for point in sweep["points"]:
+            value = point["schedules"].get(name, {}).get("speedup")
+            if value is not None:
+                xs.append(point["chunks"])
+                ys.append(value)
+        ax.plot(xs, ys, marker="o", color=COLOURS.get(name), label=name)
+    grid = range(min(chunks), max(chunks) + 1)
+    ax.plot(grid, list(grid), ls=":", color="tab:blue", label="ideal decoupled: K")
+    ax.plot(
+        grid,
+        [k * micro / (micro + k - 1) for k in grid],
+        ls=":",
+        color="tab:orange",
+        label=f"ideal pipelined: K·M/(M+K−1), M={micro}",
+    )
+    cores = result["machine"]["cpus"]
+    if not result["machine"]["gpus"] and cores and cores < max(chunks):
+        ax.axhline(cores, ls="--", color="black", lw=0.8, label=f"{cores} cores")
+    ax.set(
+        xlabel="chunks K",
+        ylabel="steps/s over locked at the same K",
+        title="speed-up against the number of chunks",
+        xticks=chunks,
+    )
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_breakdown(result: dict[str, Any], path: Path) -> Path:
+    """Where each chunk's measured seconds go, per contender."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [
+        (f"{name} {actor}", shares)
+        for name, record in _records(result).items()
+        for actor, shares in record["actors"].items()
+        if actor.startswith("chunk-")
+    ]
+    fig, ax = plt.subplots(figsize=(8, 0.6 + 0.32 * len(rows)))
+    for index, (_, shares) in enumerate(rows):
+        left = 0.0
+        for key, _, colour in BREAKDOWN:
+            width = shares.get(key, 0.0)
+            ax.barh(index, width, left=left, color=colour, height=0.7)
+            left += width
+    ax.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of measured seconds")
+    ax.set_title("where each chunk's time goes")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for *_, c in BREAKDOWN]
+    ax.legend(handles, [label for _, label, _ in BREAKDOWN], fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def representative_events(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """The middle segment of the run with the median speed, on its own clock."""
+    ordered = sorted(runs, key=lambda r: r.steps_per_second)
+    run = ordered[len(ordered) // 2]
+    segment = run.segments[len(run.segments) // 2]
+    origin = min(e["start"] for e in segment.events)
+    return [
+        {**e, "start": e["start"] - origin, "end": e["end"] - origin}
+        for e in segment.events
+    ]
+
+
+def draw_figures(
+    result: dict[str, Any],
+    runs: dict[str, list[Run]],
+    out: Path,
+    timeline_seconds: float | None,
+) -> list[str]:
+    """Every plot; returns their file names (in ``out``)."""
+    from orchestrator.timeline import plot_timeline
+
+    written = [
+        plot_loss_vs_time(result, out / "loss_vs_time.png"),
+        plot_breakdown(result, out / "breakdown.png"),
+    ]
+    if result["sweep"]:
+        written.append(plot_sweep(result, out / "speedup_vs_chunks.png"))
+    slowest = min(r["steps_per_second"] for r in _records(result).values())
+    seconds = timeline_seconds or 3.0 / slowest  # three steps of the slowest
+    with tempfile.TemporaryDirectory(prefix="ccdni-timeline-") as scratch:
+        for name, rs in runs.items():
+            run_dir = Path(scratch) / name
+            run_dir.mkdir()
+            data = {"schedule": name, "events": representative_events(rs)}
+            (run_dir / "timeline.json").write_text(json.dumps(data))
+            written.append(
+                plot_timeline(run_dir, seconds, path=out / f"timeline-{name}.png")
+            )
+    return [p.name for p in written]
+
+
+# Tables ----------------------------------------------------------------------------
+
+
+def _x(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}×"
+
+
+def _range(spread_: dict[str, Any] | None, digits: int = 2, suffix: str = "") -> str:
+    if not spread_:
+        return "–"
+    low, high = spread_["min"], spread_["max"]
+    return f"{low:.{digits}f}–{high:.{digits}f}{suffix}"
+
+
+def _mib(value: int | None) -> str:
+    return "–" if value is None else f"{value / 2**20:.0f}"
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.0f} %"
+
+
+def describe_setup(result: dict[str, Any]) -> str:
+    """The configuration, machine and load in a few lines."""
+    config, task, machine = result["config"], result["task"], result["machine"]
+    gpus = ", ".join(machine["gpus"]) if machine["gpus"] else "no GPU"
+    load = result["load"]
+    return "\n".join(
+        [
+            f"- network: {config['chunks']} chunks × {config['layers_per_chunk']} "
+            f"LSTM layer(s) × {config['hidden_size']} units; model "
+            f"`{config['model']}` (the PyTorch baselines: truncated BPTT, no "
+            "cerebellum)",
+            f"- task `{task['name']}`: {task['seq_len']} steps of "
+            f"{task['input_size']} inputs, {task['output_size']} outputs; "
+            f"{task['train_sequences']} training and {task['validation_sequences']} "
+            "validation sequences",
+            f"- windows of {config['truncation']} steps, batch {config['batch_size']}, "
+            f"{config['micro_batches']} micro-batches (pipelined, torch-*), "
+            f"{config['threads']} thread(s) per actor",
+            f"- {config['repeats']} runs of {config['steps']} steps per contender, "
+            f"taken in turns after {config['warmup']} warm-up steps; evaluation "
+            f"every {config['eval_every']} steps with the clock stopped",
+            f"- machine: {machine['cpus']} × {machine['cpu_model']}, {gpus}; "
+            f"Python {machine['python']}, torch {machine['torch']}, "
+            f"Ray {machine['ray']}",
+            f"- load average (1, 5, 15 min) before: {load['before']}, after: "
+            f"{load['after']}",
+        ]
+    )
+
+
+def render_tables(result: dict[str, Any]) -> str:
+    """The Markdown tables of ``bench.json``."""
+    records = _records(result)
+    target = result["target_loss"]
+    metric = next(iter(records.values())).get("metric_name", "metric")
+    examples = next(iter(records.values())).get("examples")
+    lines = [
+        f"| schedule | steps/s (range) | examples/s | speed-up over locked (range) "
+        f"| ideal | validation loss after {examples} examples | {metric} "
+        f"| seconds to loss {target:.3f} | time-to-target speed-up "
+        "| machine busy (cores) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in records.items():
+        ttt = r["time_to_target"]
+        runs = len(ttt["runs"])
+        seconds = (
+            f"{ttt['seconds']:.1f}"
+            if ttt["seconds"] is not None
+            else f"not reached ({ttt['reached']}/{runs})"
+        )
+        busy = r["machine_busy_cores"]
+        lines.append(
+            f"| {name} | {r['steps_per_second']:.2f} "
+            f"({_range(r['steps_per_second_spread'])}) "
+            f"| {r['examples_per_second']:.0f} "
+            f"| {_x(r['speedup'])} ({_range(r['speedup_spread'], suffix='×')}) "
+            f"| {_x(r['ideal_speedup'])} | {r['validation_loss']:.3f} "
+            f"| {r['metric']:.3f} | {seconds} | {_x(ttt['speedup'])} "
+            f"| {'–' if busy is None else f'{busy:.2f}'} |"
+        )
+
+    lines += [
+        "",
+        "Where each actor's measured seconds go (shares), its CPU use (cores) and "
+        "peak resident memory:",
+        "",
+        "| schedule | actor | computing | predict | send | wait for input "
+        "| wait for feedback | other | CPU (cores) | peak RSS (MiB) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in records.items():
+        for actor, a in r["actors"].items():
+            cpu = "–" if a.get("cpu") is None else f"{a['cpu']:.2f}"
+            cells = [
+                _percent(a.get(key)) if actor.startswith("chunk-") else "–"
+                for key in ("busy", "predict", "send", "wait_input", "wait_feedback")
+            ]
+            other = _percent(a.get("other")) if actor.startswith("chunk-") else "–"
+            lines.append(
+                f"| {name} | {actor} | {' | '.join(cells)} | {other} | {cpu} "
+                f"| {_mib(a.get('peak_rss_bytes'))} |"
+            )
+
+    lines += [
+        "",
+        "Milliseconds per step in each phase, per chunk:",
+        "",
+        "| schedule | chunk | forward | backward | update | predict | send "
+        "| wait for input | wait for feedback |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in records.items():
+        for chunk, phases in r["phase_seconds_per_step"].items():
+            cells = " | ".join(
+                f"{1000 * phases[p]:.1f}" for p in (*COMPUTE_PHASES, *WAIT_PHASES)
+            )
+            lines.append(f"| {name} | {chunk} | {cells} |")
+
+    sweep = result.get("sweep")
+    if sweep:
+        names = sorted(
+            {n for p in sweep["points"] for n in p["schedules"]},
+            key=ALL_SCHEDULES.index,
+        )
+        lines += [
+            "",
+            f"Speed-up over locked against the number of chunks ({sweep['steps']} "
+            f"steps per run, {sweep['repeats']} runs; at {result['config']['chunks']} "
+            "chunks the runs above); measured steps/s in brackets, the ideal from "
+            "measured costs after the slash:",
+            "",
+            "| chunks | " + " | ".join(names) + " |",
+            "| --- |" + " --- |" * len(names),
+        ]
+        for point in sweep["points"]:
+            cells = []
+            for name in names:
+                entry = point["schedules"].get(name)
+                cells.append(
+                    "–"
+                    if entry is None
+                    else f"{_x(entry['speedup'])} ({entry['steps_per_second']:.2f}) / "
+                    f"{_x(entry['ideal_speedup'])}"
+                )
+            lines.append(f"| {point['chunks']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def findings(result: dict[str, Any]) -> list[str]:
+    """Plain statements the numbers support: the target, and what limits it."""
+    schedules, baselines = result["schedules"], result["baselines"]
+    notes = []
+    decoupled, locked = schedules.get("decoupled"), schedules.get("locked")
+    if decoupled and locked and decoupled["speedup"] is not None:
+        best_torch = max(
+            (b["speedup"] for b in baselines.values() if b["speedup"]), default=None
+        )
+        met = decoupled["speedup"] >= 1.6 and (
+            best_torch is None or decoupled["speedup"] > best_torch
+        )
+        notes.append(
+            f"decoupled reached {_x(decoupled['speedup'])} the steps/s of locked "
+            f"(the target is at least 1.6× and above both PyTorch schedules"
+            + (
+                ""
+                if best_torch is None
+                else f", the better of which reached {_x(best_torch)}"
+            )
+            + f"): target {'met' if met else 'not met'}."
+        )
+        phases = locked["phase_seconds_per_step"]
+        compute = {
+            chunk: sum(p[q] for q in COMPUTE_PHASES) for chunk, p in phases.items()
+        }
+        if len(compute) > 1 and min(compute.values()) > 0:
+            heavy = max(compute, key=compute.get)
+            notes.append(
+                f"the chunks are unequal: under locked {heavy} computes "
+                f"{1000 * compute[heavy]:.0f} ms per step of the "
+                f"{1000 * sum(compute.values()):.0f} ms all chunks compute, so no "
+                f"schedule can beat {sum(compute.values()) / compute[heavy]:.2f}× "
+                "here (the chunk above the first reads 'hidden' inputs, not the "
+                "task's, and also computes the feedback of its input)."
+            )
+        own = decoupled["phase_seconds_per_step"]
+        predict = {c: p["predict"] for c, p in own.items() if p["predict"] > 0}
+        for chunk, seconds in predict.items():
+            notes.append(
+                f"under decoupled {chunk} waits {1000 * seconds:.1f} ms per step for "
+                "the cerebellum's predictions (Predict over gRPC), against "
+                f"{1000 * compute[chunk]:.0f} ms of its own compute under locked."
+            )
+        inflation = [
+            sum(own[c][q] for q in COMPUTE_PHASES) / compute[c]
+            for c in compute
+            if compute[c] > 0
+        ]
+        if inflation:
+            notes.append(
+                "running side by side the chunks compute "
+                + ", ".join(f"{x:.2f}×" for x in inflation)
+                + " as long per step as they do one at a time under locked "
+                "(contention for cores and memory bandwidth)."
+            )
+        cpus = result["machine"]["cpus"]
+        busy = decoupled["machine_busy_cores"]
+        ours = sum(a.get("cpu") or 0.0 for a in decoupled["actors"].values())
+        if busy is not None:
+            notes.append(
+                f"while decoupled ran, the machine kept {busy:.2f} of its {cpus} "
+                f"cores busy: {ours:.2f} in the bench's own processes (chunks, "
+                f"cerebellum, driver), {max(0.0, busy - ours):.2f} elsewhere (Ray's "
+                "daemons, anything else running)."
+            )
+    return notes
+
+
+def render_markdown(result: dict[str, Any], figures_prefix: str = "") -> str:
+    """``bench.md``: setup, tables, findings and figures."""
+    parts = [
+        "### Setup",
+        "",
+        describe_setup(result),
+        "",
+        "### Results",
+        "",
+        render_tables(result),
+        "",
+        "### What the numbers say",
+        "",
+        *[f"- {line}" for line in findings(result)],
+        "",
+        "### Figures",
+        "",
+    ]
+    for name in result["figures"]:
+        parts += [f"![{name}]({figures_prefix}{name})", ""]
+    return "\n".join(parts)
+
+
+def splice_doc(doc: Path, markdown: str) -> None:
+    """Replace what lies between the bench markers of ``doc`` with ``markdown``."""
+    text = doc.read_text()
+    if DOC_BEGIN not in text or DOC_END not in text:
+        raise ConfigError(
+            f"--doc {doc}: no bench markers; add the lines {DOC_BEGIN!r} and "
+            f"{DOC_END!r} where the generated section goes"
+        )
+    head, rest = text.split(DOC_BEGIN, 1)
+    _, tail = rest.split(DOC_END, 1)
+    doc.write_text(f"{head}{DOC_BEGIN}\n\n{markdown.strip()}\n\n{DOC_END}{tail}")
+
+
+# bench.json ------------------------------------------------------------------------
+
+_NUMBER = {"type": "number"}
+_OPTIONAL_NUMBER = {"type": ["number", "null"]}
+_SPREAD = {
+    "type": "object",
+    "required": ["median", "min", "max", "runs"],
+    "properties": {
+        "median": _NUMBER,
+        "min": _NUMBER,
+        "max": _NUMBER,
+        "runs": {"type": "array", "items": _NUMBER, "minItems": 1},
+    },
+}
+_CURVE_POINT = {
+    "type": "object",
+    "required": ["step", "examples", "seconds", "validation_loss", "metric"],
+    "properties": {
+        "step": {"type": "integer", "minimum": 0},
+        "examples": {"type": "integer", "minimum": 0},
+        "seconds": {"type": "number", "minimum": 0},
+        "train_loss": _OPTIONAL_NUMBER,
+        "validation_loss": _NUMBER,
+        "metric": _NUMBER,
+        "metric_name": {"type": "string"},
+    },
+}
+_RECORD = {
+    "type": "object",
+    "required": [
+        "kind",
+        "model",
+        "uses_cerebellum",
+        "steps_per_second",
+        "steps_per_second_spread",
+        "examples_per_second",
+        "speedup",
+        "ideal_speedup",
+        "examples",
+        "train_loss",
+        "validation_loss",
+        "metric",
+        "metric_name",
+        "time_to_target",
+        "actors",
+        "phase_seconds_per_step",
+        "runs",
+    ],
+    "properties": {
+        "kind": {"enum": ["ccdni", "torch"]},
+        "model": {"enum": list(MODELS)},
+        "uses_cerebellum": {"type": "boolean"},
+        "steps_per_second": {"type": "number", "exclusiveMinimum": 0},
+        "steps_per_second_spread": _SPREAD,
+        "examples_per_second": {"type": "number", "exclusiveMinimum": 0},
+        "speedup": _OPTIONAL_NUMBER,
+        "speedup_spread": {"anyOf": [_SPREAD, {"type": "null"}]},
+        "ideal_speedup": _OPTIONAL_NUMBER,
+        "examples": {"type": "integer", "minimum": 1},
+        "train_loss": _NUMBER,
+        "validation_loss": _NUMBER,
+        "metric": _NUMBER,
+        "metric_name": {"type": "string"},
+        "time_to_target": {
+            "type": "object",
+            "required": ["seconds", "reached", "runs", "speedup"],
+            "properties": {
+                "seconds": _OPTIONAL_NUMBER,
+                "reached": {"type": "integer", "minimum": 0},
+                "runs": {"type": "array", "items": _OPTIONAL_NUMBER},
+                "speedup": _OPTIONAL_NUMBER,
+            },
+        },
+        "machine_busy_cores": _OPTIONAL_NUMBER,
+        "actors": {
+            "type": "object",
+            "required": ["chunk-0"],
+            "additionalProperties": {
+                "type": "object",
+                "required": ["cpu", "peak_rss_bytes"],
+                "properties": {
+                    "busy": {"type": "number", "minimum": 0},
+                    "other": {"type": "number", "minimum": 0},
+                    "cpu": _OPTIONAL_NUMBER,
+                    "peak_rss_bytes": {"type": ["integer", "null"]},
+                },
+            },
+        },
+        "phase_seconds_per_step": {
+            "type": "object",
+            "additionalProperties": {
+                "type": "object",
+                "additionalProperties": {"type": "number", "minimum": 0},
+            },
+        },
+        "runs": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["seconds", "steps", "curve"],
+                "properties": {
+                    "seconds": {"type": "number", "exclusiveMinimum": 0},
+                    "steps": {"type": "integer", "minimum": 1},
+                    "curve": {"type": "array", "minItems": 2, "items": _CURVE_POINT},
+                },
+            },
+        },
+    },
+}
+BENCH_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "ccdni bench.json",
+    "type": "object",
+    "required": [
+        "version",
+        "config",
+        "train_config",
+        "task",
+        "machine",
+        "load",
+        "target_loss",
+        "schedules",
+        "baselines",
+        "sweep",
+        "figures",
+    ],
+    "properties": {
+        "version": {"const": 1},
+        "config": {
+            "type": "object",
+            "required": [
+                "task",
+                "model",
+                "chunks",
+                "hidden_size",
+                "truncation",
+                "batch_size",
+                "micro_batches",
+                "steps",
+                "repeats",
+                "warmup",
+                "schedules",
+            ],
+        },
+        "machine": {"type": "object", "required": ["cpus", "gpus", "torch", "ray"]},
+        "load": {"type": "object", "required": ["before", "after"]},
+        "target_loss": _OPTIONAL_NUMBER,
+        "schedules": {
+            "type": "object",
+            "propertyNames": {"enum": list(SCHEDULES)},
+            "additionalProperties": _RECORD,
+        },
+        "baselines": {
+            "type": "object",
+            "propertyNames": {"enum": list(TORCH_SCHEDULES)},
+            "additionalProperties": _RECORD,
+        },
+        "sweep": {
+            "anyOf": [
+                {"type": "null"},
+                {
+                    "type": "object",
+                    "required": ["steps", "repeats", "points"],
+                    "properties": {
+                        "points": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["chunks", "schedules"],
+                            },
+                        }
+                    },
+                },
+            ]
+        },
+        "figures": {"type": "array", "items": {"type": "string"}},
+    },
+}
+"""The JSON Schema of ``bench.json`` (tests validate every run against it)."""
+
+
+# The whole benchmark ---------------------------------------------------------------
+
+
+def run_bench(
+    bench: BenchConfig,
+    out: Path,
+    command: str | None = None,
+    doc: Path | None = None,
+) -> dict[str, Any]:
+    """Measure every contender; write ``bench.json``, ``bench.md`` and the plots.
+
+    Args:
+        bench: what to measure.
+        out: the directory to write.
+        command: the command line, recorded in ``bench.json``.
+        doc: a Markdown file whose bench markers get the tables and figures.
+    """
+    from orchestrator.tasks.registry import load_task
+
+    task = load_task(bench.task, seed=bench.seed, n_train=bench.n_train)
+    if bench.seq_len is not None and bench.seq_len != task.seq_len:
+        raise ConfigError(
+            f"--seq-len {bench.seq_len}: task {bench.task} has sequences of "
+            f"{task.seq_len} steps only; drop --seq-len or pick another task"
+        )
+    if doc is not None and not doc.exists():
+        raise ConfigError(f"--doc {doc}: no such file")
+    out.mkdir(parents=True, exist_ok=True)
+    load_before = load_average()
+    cpus_per_actor = prepare_ray(bench)
+    if needs_fresh(bench):
+        logger.info("the cluster cannot give every contender its GPUs at once: --fresh")
+        bench = dataclasses.replace(bench, fresh=True)
+    started = time.perf_counter()
+
+    with tempfile.TemporaryDirectory(prefix="ccdni-bench-") as scratch:
+        runs = run_interleaved(bench, task, Path(scratch), cpus_per_actor)
+        sweep_points = {bench.chunks: runs} if bench.sweep_chunks else {}
+        for chunks in bench.sweep_chunks:
+            if chunks in sweep_points:
+                continue
+            other = dataclasses.replace(
+                bench, chunks=chunks, steps=bench.sweep_steps, sweep_chunks=()
+            )
+            logger.info("sweep: %d chunks", chunks)
+            sweep_points[chunks] = run_interleaved(
+                other, task, Path(scratch), cpus_per_actor, evaluate=False
+            )
+
+    result: dict[str, Any] = {
+        "version": 1,
+        "command": command,
+        "config": bench.to_dict(),
+        "train_config": bench.train_config().to_dict(),
+        "task": {
+            "name": task.name,
+            "seq_len": task.seq_len,
+            "input_size": task.input_size,
+            "output_size": task.output_size,
+            "train_sequences": len(task.train),
+            "validation_sequences": len(task.validation),
+        },
+        "machine": machine_record(),
+        "load": {"before": load_before, "after": load_average()},
+        "wall_seconds": time.perf_counter() - started,
+        **summarise(bench, task, runs),
+        "sweep": summarise_sweep(bench, sweep_points) if sweep_points else None,
+    }
+    result["figures"] = draw_figures(result, runs, out, bench.timeline_seconds)
+    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "bench.md").write_text(render_markdown(result) + "\n")
+    if doc is not None:
+        prefix = os.path.relpath(out.resolve(), doc.resolve().parent) + "/"
+        splice_doc(doc, render_markdown(result, figures_prefix=prefix))
+    logger.info("wrote %s in %.0f s", out / "bench.json", result["wall_seconds"])
+    return result
+
+
+# Command line ----------------------------------------------------------------------
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in _names(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--sweep-chunks {text!r}: expected numbers separated by commas, e.g. "
+            "1,2,3,4"
+        ) from None
+
+
+def add_bench_parser(commands) -> argparse.ArgumentParser:
+    """``ccdni bench``'s options, on the ``ccdni`` subcommands."""
+    from orchestrator.tasks.registry import TASKS
+
+    parser = commands.add_parser(
+        "bench",
+        help="steps/s of every schedule beside PyTorch's pipeline schedules",
+        description="Train the same network under every schedule (and PyTorch's "
+        "GPipe and 1F1B), in turns, and write bench.json, bench.md and plots. "
+        "Defaults: the headline configuration of docs/BENCHMARKS.md.",
+    )
+    parser.add_argument("--task", choices=TASKS, help="default patterns")
+    parser.add_argument(
+        "--model",
+        choices=MODELS,
+        help="default crnn: no cerebellum, so only decoupled uses one (for the "
+        "spatial cut between chunks); ccrnn adds state microzones to every ccdni "
+        "schedule",
+    )
+    parser.add_argument("--chunks", type=int, help="chunks K (default 2)")
+    parser.add_argument("--layers-per-chunk", type=int, help="default 1")
+    parser.add_argument(
+        "--hidden", type=int, dest="hidden_size", help="LSTM units (default 256)"
+    )
+    parser.add_argument("--truncation", type=int, help="window length (default 7)")
+    parser.add_argument(
+        "--seq-len", type=int, help="steps per sequence; only the task's own length"
+    )
+    parser.add_argument("--batch-size", type=int, help="default 64")
+    parser.add_argument(
+        "--micro-batches", type=int, help="M for pipelined and torch-* (default 4)"
+    )
+    parser.add_argument("--steps", type=int, help="batches per measured run (60)")
+    parser.add_argument("--repeats", type=int, help="runs per contender (default 3)")
+    parser.add_argument("--warmup", type=int, help="warm-up batches (default 3)")
+    parser.add_argument(
+        "--eval-every", type=int, help="batches between evaluations (default 10)"
+    )
+    parser.add_argument(
+        "--schedules",
+        type=_names,
+        help=f"comma list, in turn order (default {','.join(ALL_SCHEDULES)})",
+    )
+    parser.add_argument("--threads", type=int, help="torch threads per actor (1)")
+    parser.add_argument("--n-train", type=int, help="cap on training sequences")
+    parser.add_argument(
+        "--target-loss",
+        type=float,
+        help="validation loss for time-to-target (default: the worst of the "
+        "contenders' best losses)",
+    )
+    parser.add_argument(
+        "--sweep-chunks",
+        type=_counts,
+        help="also measure throughput at these numbers of chunks, e.g. 1,2,3,4",
+    )
+    parser.add_argument("--sweep-steps", type=int, help="batches per sweep run (20)")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument(
+        "--cpus-per-actor", type=float, help="Ray CPU reservation per actor (0.5)"
+    )
+    parser.add_argument("--ray-address", help="join this Ray cluster")
+    parser.add_argument(
+        "--gpus",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one GPU per actor (default: when the cluster has enough)",
+    )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        default=None,
+        help="start each contender anew for every run instead of keeping all alive",
+    )
+    parser.add_argument(
+        "--timeline-seconds", type=float, help="seconds of each timeline plot"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run of every schedule in under two minutes (tiny network, "
+        "few steps); its speeds mean nothing",
+    )
+    parser.add_argument("--out", default="runs/bench", help="directory to write")
+    parser.add_argument(
+        "--doc", help="rewrite the generated section of this Markdown file"
+    )
+    return parser
+
+
+def bench_from_args(args: argparse.Namespace) -> BenchConfig:
+    """Flags given on the command line, then ``--quick``'s, then the defaults."""
+    names = [f.name for f in dataclasses.fields(BenchConfig)]
+    values = dict(QUICK) if args.quick else {}
+    values.update(
+        {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    )
+    return BenchConfig(**values)
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    """``ccdni bench``: run, write, print the tables."""
+    bench = bench_from_args(args)
+    command = "ccdni " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    result = run_bench(
+        bench,
+        Path(args.out),
+        command=command,
+        doc=Path(args.doc) if args.doc else None,
+    )
+    sys.stdout.write(render_tables(result) + "\n")
+    return 0

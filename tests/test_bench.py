@@ -1,0 +1,248 @@
+"""ccdni bench: the quick run end to end, the PyTorch baseline's math, the summaries."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jsonschema
+import pytest
+
+from orchestrator import bench
+from orchestrator.baselines.torch_pipeline import (
+    TorchPipeline,
+    pack_targets,
+    pad_rows,
+    unpack_targets,
+)
+from orchestrator.batches import BatchStream
+from orchestrator.config import ConfigError, TrainConfig
+from orchestrator.tasks.registry import load_task
+from orchestrator.trainer import Trainer
+
+# Contenders that do the same arithmetic (truncated BPTT, exact feedback between
+# chunks, one update per batch) and so must learn the same, step for step.
+EXACT = ("locked", "pipelined", "torch-gpipe", "torch-1f1b")
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_quick_bench_runs_every_schedule_and_writes_a_valid_bench_json(tmp_path):
+    from orchestrator.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["bench", "--quick", "--out", str(out)]) == 0
+
+    result = json.loads((out / "bench.json").read_text())
+    jsonschema.validate(result, bench.BENCH_SCHEMA)
+    records = {**result["schedules"], **result["baselines"]}
+    assert sorted(records) == sorted(bench.ALL_SCHEDULES)
+    quick = bench.QUICK
+    for name, record in records.items():
+        assert len(record["runs"]) == quick["repeats"], name
+        assert all(r["steps"] == quick["steps"] for r in record["runs"]), name
+        assert record["examples"] == quick["steps"] * quick["batch_size"]
+        assert set(record["actors"]) >= {"chunk-0", "chunk-1"}
+    assert records["decoupled"]["uses_cerebellum"]
+    assert "cerebellum" in records["decoupled"]["actors"]
+    assert not records["locked"]["uses_cerebellum"]
+    assert records["locked"]["speedup"] == pytest.approx(1.0)
+
+    # Every contender starts from the same weights and sees the same batches;
+    # those doing the same arithmetic stay together after training.
+    curves = {name: r["runs"][0]["curve"] for name, r in records.items()}
+    initial = {name: c[0]["validation_loss"] for name, c in curves.items()}
+    assert max(initial.values()) - min(initial.values()) < 1e-6
+    for name in EXACT:
+        for got, want in zip(curves[name][1:], curves["locked"][1:]):
+            assert got["train_loss"] == pytest.approx(want["train_loss"], abs=1e-4)
+            assert got["validation_loss"] == pytest.approx(
+                want["validation_loss"], abs=1e-4
+            )
+
+    for figure in result["figures"]:
+        assert (out / figure).stat().st_size > 0
+    assert {f"timeline-{n}.png" for n in bench.ALL_SCHEDULES} <= set(result["figures"])
+    table = (out / "bench.md").read_text()
+    assert all(f"| {name} |" in table for name in bench.ALL_SCHEDULES)
+
+
+def test_torch_gpipe_trains_like_the_locked_schedule():
+    """First-step loss equal to locked's; then the same losses as it learns.
+
+    The in-process trainer is the reference: tests/test_distributed.py shows that
+    ``locked`` on Ray gives its losses to 1e-5. 200 sequences in batches of 64
+    include a short last batch per epoch (padded for the micro-batches).
+    """
+    config = TrainConfig(
+        task="patterns",
+        model="crnn",
+        truncation=7,
+        chunks=2,
+        hidden_size=16,
+        batch_size=64,
+        n_train=200,
+        lr=1e-2,
+        epochs=1,
+    )
+    task = load_task("patterns", n_train=200)
+    trainer = Trainer(config, task)
+    stream = BatchStream(task, config.batch_size, config.seed)
+    steps = 20
+    expected = [trainer.run_batch(stream.sequences(s)).loss for s in range(steps)]
+
+    pipeline = TorchPipeline(config, "torch-gpipe", micro_batches=4)
+    pipeline.start()
+    try:
+        segment = pipeline.run(0, steps)
+        validation = pipeline.evaluate(task)
+        pipeline.reset()
+        again = pipeline.run(0, 1)
+    finally:
+        pipeline.shutdown()
+
+    got = [segment.losses[s] for s in range(steps)]
+    assert got[0] == pytest.approx(expected[0], abs=1e-5)
+    assert got == pytest.approx(expected, abs=1e-4)
+    assert sum(got[-5:]) < sum(got[:5]) - 0.1  # it learns
+    assert validation["loss"] == pytest.approx(
+        trainer.evaluate(task.validation)["loss"], abs=1e-4
+    )
+    assert again.losses[0] == pytest.approx(got[0], abs=1e-6)  # reset forgets
+    phases = {e["phase"] for e in segment.events}
+    assert phases == {"forward", "backward", "update"}
+    assert {e["chunk"] for e in segment.events} == {0, 1}
+
+
+def test_targets_pack_and_pad_losslessly():
+    task = load_task("patterns", n_train=50)
+    data = task.train.subset(list(range(7)))
+    targets, mask = unpack_targets(pack_targets(data, task.kind), task.kind)
+    assert targets[data.mask].tolist() == data.targets[data.mask].tolist()
+    assert mask.tolist() == data.mask.tolist()
+
+    padded = pad_rows(data, 4)
+    assert len(padded) == 8 and not padded.mask[7:].any()
+    assert pad_rows(padded, 4) is padded
+
+
+def test_ideal_speedups_reduce_to_the_textbook_formulas_for_equal_chunks():
+    chunk = dict(forward=0.1, backward=0.2, update=0.0)
+    waits = dict(predict=0.0, send=0.0, wait_input=0.0, wait_feedback=0.0)
+    equal = [{**chunk, **waits} for _ in range(3)]
+    ideals = bench.ideal_speedups(
+        {"locked": equal, "pipelined": equal, "decoupled": equal}, 3, 4
+    )
+    assert ideals["locked"] == 1.0
+    assert ideals["decoupled"] == pytest.approx(3.0)
+    assert ideals["pipelined"] == pytest.approx(3 * 4 / (4 + 3 - 1))
+
+    predicting = [{**c, "predict": 0.3} for c in equal]
+    ideals = bench.ideal_speedups({"locked": equal, "decoupled": predicting}, 3, 1)
+    assert ideals["decoupled"] == pytest.approx(0.9 / 0.6)
+
+
+def curve(*losses):
+    return [
+        {"seconds": float(i), "validation_loss": loss} for i, loss in enumerate(losses)
+    ]
+
+
+def test_the_automatic_target_is_reached_by_every_run_and_times_it():
+    curves = {
+        "locked": [curve(2.0, 1.0, 0.5), curve(2.0, 1.2, 0.6)],
+        "decoupled": [curve(2.0, 0.9, 0.8)],
+    }
+    target = bench.choose_target(curves)
+    assert target == 0.8
+    assert bench.time_to_target(curves["locked"][0], target) == 2.0
+    assert bench.time_to_target(curves["decoupled"][0], target) == 2.0
+    assert bench.time_to_target(curves["decoupled"][0], 0.1) is None
+
+
+def fake_run(chunks: int, seconds: float, steps: int = 4) -> bench.Run:
+    """A run whose chunks each computed ``seconds / chunks`` per step."""
+    events = []
+    for step in range(steps):
+        for k in range(chunks):
+            start = step * seconds + k * seconds / chunks
+            events.append(
+                dict(
+                    chunk=k,
+                    phase="forward",
+                    batch=step,
+                    window=0,
+                    micro=0,
+                    start=start,
+                    end=start + seconds / chunks,
+                )
+            )
+    segment = bench.Segment(
+        seconds * steps, seconds * steps, dict.fromkeys(range(steps), 1.0), events
+    )
+    return bench.Run(
+        segments=[segment], actor_names=[f"chunk-{k}" for k in range(chunks)]
+    )
+
+
+def test_sweep_summary_and_plot(tmp_path):
+    config = bench.BenchConfig(schedules=("locked", "decoupled"), sweep_chunks=(1, 2))
+    points = {
+        1: {"locked": [fake_run(1, 1.0)], "decoupled": [fake_run(1, 1.0)]},
+        2: {"locked": [fake_run(2, 1.0)], "decoupled": [fake_run(2, 0.5)]},
+    }
+    sweep = bench.summarise_sweep(config, points)
+    two = sweep["points"][1]["schedules"]
+    assert two["decoupled"]["speedup"] == pytest.approx(2.0)
+    assert two["decoupled"]["ideal_speedup"] == pytest.approx(2.0)
+    result = {
+        "sweep": sweep,
+        "config": config.to_dict(),
+        "machine": {"cpus": 2, "gpus": []},
+    }
+    assert bench.plot_sweep(result, tmp_path / "sweep.png").stat().st_size > 0
+
+
+def test_splice_doc_rewrites_only_between_the_markers(tmp_path):
+    doc = tmp_path / "BENCH.md"
+    doc.write_text(f"intro\n{bench.DOC_BEGIN}\nold\n{bench.DOC_END}\noutro\n")
+    bench.splice_doc(doc, "new table")
+    text = doc.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n")
+    assert "new table" in text and "old" not in text
+
+    doc.write_text("no markers")
+    with pytest.raises(ConfigError, match="--doc"):
+        bench.splice_doc(doc, "x")
+
+
+def parse(*argv: str) -> bench.BenchConfig:
+    parser = argparse.ArgumentParser()
+    bench.add_bench_parser(parser.add_subparsers(dest="command"))
+    return bench.bench_from_args(parser.parse_args(["bench", *argv]))
+
+
+def test_flags_override_quick_and_quick_overrides_the_defaults():
+    assert parse().hidden_size == 256 and parse().steps == 60
+    quick = parse("--quick")
+    assert quick.hidden_size == bench.QUICK["hidden_size"]
+    assert parse("--quick", "--hidden", "48").hidden_size == 48
+    assert parse("--schedules", "locked, decoupled").schedules == (
+        "locked",
+        "decoupled",
+    )
+    assert parse("--sweep-chunks", "1,2,4").sweep_chunks == (1, 2, 4)
+
+
+@pytest.mark.parametrize(
+    "changes, flag",
+    [
+        (dict(schedules=("locked", "fast")), "--schedules"),
+        (dict(chunks=5, micro_batches=4), "--micro-batches"),
+        (dict(steps=0), "--steps"),
+        (dict(model="gru"), "--model"),
+        (dict(micro_batches=128), "--micro-batches"),
+    ],
+)
+def test_bad_settings_name_their_flag(changes, flag):
+    with pytest.raises(ConfigError, match=flag):
+        bench.BenchConfig(**changes)
