@@ -472,7 +472,13 @@ class ChunkRuntime:
         decoupled_output = spec.schedule == "decoupled" and not spec.last
         hidden_rows = wp.hidden.detach().reshape(-1, wp.hidden.shape[-1])
         if decoupled_output:
-            queries.append(Query(output_zone(spec.index), key, hidden_rows))
+            steps = wp.hidden.shape[1]
+            row_context = (
+                None
+                if batch.context is None
+                else batch.context[part].repeat_interleave(steps, dim=0)
+            )
+            queries.append(Query(output_zone(spec.index), key, hidden_rows, row_context))
         predictions = self._predict(queries)
 
         state_feedback = None

@@ -45,7 +45,7 @@ def zone_specs(
             specs[output_zone(index)] = dict(
                 in_features=chunk.hidden_size,
                 out_features=chunk.hidden_size,
-                context_size=0,
+                context_size=context_size,
                 seed=base_seed + 800,
                 init_seed=base_seed + 600,
                 **common,
