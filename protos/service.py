@@ -8,7 +8,8 @@ the pieces live here once:
   ``insecure`` (``ServerSecurity``, ``ClientSecurity``);
 - **server**: ``start_server`` builds, binds and starts a ``grpc.Server`` with the
   standard health service, and returns a ``RunningServer`` whose ``stop`` lets
-  in-flight calls finish;
+  in-flight calls finish; ``add_servicer`` registers a servicer that parses its
+  own requests, so garbage bytes get INVALID_ARGUMENT;
 - **client**: ``open_channel`` (token attached to every call), ``wait_ready`` and
   ``call``, which puts a deadline on every call and retries the transient codes
   (UNAVAILABLE, DEADLINE_EXCEEDED) with exponential backoff and jitter;
@@ -33,13 +34,16 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos.codec import MAX_MESSAGE_BYTES, grpc_options
@@ -68,6 +72,8 @@ _RECONNECT_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
+# Seconds past the grace period that RunningServer.stop waits for gRPC.
+_STOP_MARGIN_S = 5.0
 # Longest status message sent back to a client; a quoted value can be large.
 _MAX_DETAILS_CHARS = 2000
 
@@ -277,7 +283,15 @@ class RunningServer:
                 return
             self._stopped = True
         self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+        # Bounded: gRPC cancels what is left after `grace`, but a leaked call can
+        # keep its stop event from ever firing (see add_servicer).
+        limit = (grace or 0.0) + _STOP_MARGIN_S
+        if not self.server.stop(grace).wait(limit):
+            logger.warning(
+                "server at %s did not confirm its stop within %.1f s; going on",
+                self.address,
+                limit,
+            )
         for callback in self._on_stop:
             callback()
         logger.info("server at %s stopped", self.address)
@@ -298,6 +312,94 @@ def format_address(host: str, port: int) -> str:
     if ":" in host and not host.startswith("["):
         return f"[{host}]:{port}"
     return f"{host}:{port}"
+
+
+def add_servicer(
+    server: grpc.Server,
+    service: ServiceDescriptor,
+    servicer: object,
+    counters: Counters | None = None,
+) -> None:
+    """Register ``servicer``'s methods for ``service``, parsing requests ourselves.
+
+    Use it instead of the generated ``add_<Service>Servicer_to_server``. The
+    servicer's methods keep their usual signatures (message in, message out);
+    the difference is who parses the request bytes. Here a request that does
+    not parse is answered INVALID_ARGUMENT naming the method and frame, and
+    counted as ``rejected.unparsable``, where gRPC's own parser answers INTERNAL.
+    It also avoids a grpcio fault (seen with 1.85): after a client stream whose
+    first message fails gRPC's parsing, ``server.stop()`` can wait forever.
+
+    Args:
+        server: the server, before it starts.
+        service: the service's descriptor, e.g.
+            ``ccdni_pb2.DESCRIPTOR.services_by_name["Cerebellum"]``.
+        servicer: an object with one method per RPC, named as in the schema.
+        counters: where to count unparsable requests.
+    """
+    handlers = {}
+    for method in service.methods:
+        request_type = message_factory.GetMessageClass(method.input_type)
+        response_type = message_factory.GetMessageClass(method.output_type)
+        behaviour = getattr(servicer, method.name)
+        serialize = response_type.SerializeToString
+        if method.client_streaming:
+            wrapped = _parse_stream(behaviour, request_type, method.name, counters)
+            make = (
+                grpc.stream_stream_rpc_method_handler
+                if method.server_streaming
+                else grpc.stream_unary_rpc_method_handler
+            )
+        else:
+            wrapped = _parse_unary(behaviour, request_type, method.name, counters)
+            make = (
+                grpc.unary_stream_rpc_method_handler
+                if method.server_streaming
+                else grpc.unary_unary_rpc_method_handler
+            )
+        handlers[method.name] = make(wrapped, response_serializer=serialize)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+
+
+def _parse(
+    raw: bytes,
+    request_type: type[Message],
+    where: str,
+    context: grpc.ServicerContext,
+    counters: Counters | None,
+) -> Message:
+    try:
+        return request_type.FromString(raw)
+    except DecodeError as error:
+        reject(
+            context,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{where}: {len(raw)} bytes do not parse as "
+            f"{request_type.DESCRIPTOR.full_name} ({error})",
+            counters,
+            "unparsable",
+        )
+
+
+def _parse_unary(behaviour, request_type, name, counters):
+    def handle(raw: bytes, context: grpc.ServicerContext):
+        return behaviour(_parse(raw, request_type, name, context, counters), context)
+
+    return handle
+
+
+def _parse_stream(behaviour, request_type, name, counters):
+    def handle(raw_frames: Iterator[bytes], context: grpc.ServicerContext):
+        def frames() -> Iterator[Message]:
+            for index, raw in enumerate(raw_frames):
+                where = f"{name} frame {index}"
+                yield _parse(raw, request_type, where, context, counters)
+
+        return behaviour(frames(), context)
+
+    return handle
 
 
 def start_server(
