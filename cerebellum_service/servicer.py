@@ -32,11 +32,9 @@ import hashlib
 import io
 import logging
 import os
-import pickle
 import tempfile
 import threading
 import time
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,11 +60,18 @@ from protos.codec import (
     decode,
     encode,
 )
-from protos.service import Counters, RequestError, reject, reject_error
+from protos.service import (
+    Counters,
+    RequestError,
+    add_servicer,
+    reject,
+    reject_error,
+)
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Cerebellum"].full_name
+SERVICE = pb.DESCRIPTOR.services_by_name["Cerebellum"]
+SERVICE_NAME = SERVICE.full_name
 
 CHECKPOINT_FORMAT = "ccdni.cerebellum/1"
 MANIFEST_SUFFIX = ".manifest"
@@ -97,6 +102,7 @@ REJECTION_REASONS = (
     "checkpoint_corrupt",
     "learner_failed",
     "unknown_counter",
+    "unparsable",
 )
 """Every ``rejected.<reason>`` counter (Stats reports each, from zero)."""
 
@@ -887,14 +893,10 @@ def load_checkpoint(
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (
-        OSError,
-        RuntimeError,
-        EOFError,
-        ValueError,
-        pickle.UnpicklingError,
-        zipfile.BadZipFile,
-    ) as error:
+    except Exception as error:
+        # Not swallowed, reported: on bytes that are not a checkpoint, torch's
+        # unpickler raises whatever its parser trips over (struct.error,
+        # UnicodeDecodeError, IndexError, ... besides the usual RuntimeError).
         raise CheckpointError(
             f"{str(path)!r} cannot be read as a checkpoint "
             f"({type(error).__name__}: {error})"
@@ -962,5 +964,9 @@ def read_manifest(path: str | Path) -> dict:
 
 
 def add_to_server(servicer: CerebellumServicer, server: grpc.Server) -> None:
-    """Register ``servicer`` on ``server`` (for ``protos.service.start_server``)."""
-    pb_grpc.add_CerebellumServicer_to_server(servicer, server)
+    """Register ``servicer`` on ``server`` (for ``protos.service.start_server``).
+
+    Requests are parsed by ``protos.service.add_servicer``, so bytes that are
+    not a request message are refused INVALID_ARGUMENT and counted.
+    """
+    add_servicer(server, SERVICE, servicer, servicer.counters)
