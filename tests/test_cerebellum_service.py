@@ -1,0 +1,711 @@
+"""The cerebellum service over real loopback gRPC: answers, learning, bad input,
+checkpoints and the remote predictor's degraded mode."""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+import grpc
+import msgpack
+import pytest
+import torch
+
+from cerebellum_service import servicer as servicer_module
+from cerebellum_service.client import RemoteCerebellum
+from cerebellum_service.config import CerebellumConfig
+from cerebellum_service.learning import ActivityKey, Observation, Query
+from cerebellum_service.servicer import load_checkpoint, read_manifest, save_checkpoint
+from protos import ccdni_pb2 as pb
+from protos.codec import decode, encode, split_frames
+from protos.service import ClientSecurity
+from tests.service_helpers import (
+    LIMIT,
+    TOKEN,
+    WIDTH,
+    ZONE,
+    configure,
+    learn_request,
+    query,
+    start_cerebellum,
+    stub,
+    zone_config,
+)
+
+ROWS = 4
+
+
+def trained_cerebellum(seed: int = 0):
+    """A local cerebellum whose Purkinje layer is not zero, so answers differ."""
+    config = CerebellumConfig.from_dict(zone_config())
+    cerebellum = config.build()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in cerebellum.zones.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    return config, cerebellum
+
+
+def activity(seed: int, rows: int = ROWS, width: int = WIDTH) -> torch.Tensor:
+    return torch.randn(rows, width, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint_dir):
+    """A checkpoint of a trained cerebellum and the local copy it came from."""
+    path = checkpoint_dir / "reference.pt"
+    config, cerebellum = trained_cerebellum()
+    save_checkpoint(path, config, cerebellum, step=7)
+    return path, cerebellum
+
+
+@pytest.fixture(scope="module")
+def served(checkpoint_dir):
+    servicer, server = start_cerebellum(checkpoint_dir=checkpoint_dir)
+    yield servicer, server
+    server.stop(0)
+
+
+@pytest.fixture
+def cerebellum(served, reference):
+    """The module server, restored to the reference weights for each test."""
+    servicer, server = served
+    channel_stub = stub(server)
+    channel_stub.Restore(pb.RestoreRequest(path=str(reference[0])), timeout=10)
+    return servicer, server, channel_stub
+
+
+def predict(channel_stub, *queries: pb.ZoneQuery) -> list[torch.Tensor]:
+    reply = channel_stub.Predict(pb.PredictRequest(queries=queries), timeout=10)
+    assert list(reply.available) == [True] * len(queries)
+    return [decode(tensor) for tensor in reply.predictions]
+
+
+# --- answers ---------------------------------------------------------------------
+
+
+def test_predict_equals_local_bit_for_bit(cerebellum, reference):
+    _, _, channel_stub = cerebellum
+    _, local = reference
+    inputs = [activity(seed) for seed in range(3)]
+
+    remote = predict(channel_stub, *(query(x, batch=i) for i, x in enumerate(inputs)))
+    expected = local.predict(
+        [Query(ZONE, ActivityKey(i, 0), x) for i, x in enumerate(inputs)]
+    )
+
+    for got, want in zip(remote, expected, strict=True):
+        assert got.dtype == torch.float32
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_other_float_dtypes_are_converted(cerebellum, reference, dtype):
+    _, _, channel_stub = cerebellum
+    _, local = reference
+    x = activity(5).to(dtype)
+
+    (got,) = predict(channel_stub, query(x))
+    (want,) = local.predict([Query(ZONE, ActivityKey(0, 0), x.float())])
+
+    assert got.dtype == dtype  # answered in the dtype it was asked in
+    assert torch.equal(got, want.to(dtype))
+
+
+def test_remote_cerebellum_predicts_like_local(cerebellum, reference):
+    _, server, _ = cerebellum
+    _, local = reference
+    queries = [Query(ZONE, ActivityKey(i, 1), activity(10 + i)) for i in range(2)]
+
+    with RemoteCerebellum(server.address, ClientSecurity(token=TOKEN)) as remote:
+        got = remote.predict(queries)
+
+    for a, b in zip(got, local.predict(queries), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_learning_moves_predictions_toward_observed_feedback(cerebellum):
+    servicer, server, channel_stub = cerebellum
+    x = activity(20)
+    target = torch.full((ROWS, WIDTH), 0.5)
+    (before,) = predict(channel_stub, query(x, batch=100))
+    step = servicer.step
+
+    with RemoteCerebellum(server.address, ClientSecurity(token=TOKEN)) as remote:
+        for batch in range(101, 106):
+            remote.predict([Query(ZONE, ActivityKey(batch, 0), x)])
+        remote.observe(
+            [Observation(ZONE, ActivityKey(b, 0), target) for b in range(100, 106)]
+        )
+        assert remote.flush(10)
+        assert servicer.wait_for_step(step + 1, timeout=10)
+        assert remote.counters.get("accepted") == 6
+
+    (after,) = predict(channel_stub, query(x, batch=200))
+    loss_before = torch.mean((before - target) ** 2)
+    loss_after = torch.mean((after - target) ** 2)
+    assert loss_after < loss_before
+    stats = servicer.stats()
+    assert stats[f"zone.{ZONE}.updates"] >= 1
+    assert stats[f"zone.{ZONE}.last_loss"] == pytest.approx(
+        stats[f"zone.{ZONE}.last_loss"]
+    )  # a number, not NaN
+
+
+def test_cache_miss_is_counted_not_fatal(cerebellum):
+    servicer, _, channel_stub = cerebellum
+    misses = servicer.stats()["cache_misses"]
+    predict(channel_stub, query(activity(1), batch=300))
+
+    reply = channel_stub.Learn(
+        iter(
+            [
+                learn_request(torch.zeros(ROWS, WIDTH), batch=999),  # never predicted
+                learn_request(torch.zeros(ROWS, WIDTH), batch=300),
+                learn_request(torch.zeros(ROWS, WIDTH), batch=300),  # already used
+            ]
+        ),
+        timeout=10,
+    )
+
+    assert (reply.accepted, reply.cache_misses, reply.rejected) == (1, 2, 0)
+    assert servicer.stats()["cache_misses"] == misses + 2
+
+
+def test_explicit_activity_and_split_frames_are_learned(cerebellum):
+    servicer, _, channel_stub = cerebellum
+    rows = 3000  # 3000 x 16 float32 = 192 KB per tensor: split into parts
+    frames = list(
+        split_frames(
+            pb.LearnRequest(zone=ZONE, key=pb.ActivityKey(batch=400)),
+            {"observed": torch.zeros(rows, WIDTH), "activity": activity(2, rows)},
+            max_bytes=200_000,
+            part_bytes=50_000,
+        )
+    )
+    assert len(frames) > 2
+
+    reply = channel_stub.Learn(iter(frames), timeout=10)
+
+    assert (reply.accepted, reply.cache_misses, reply.rejected) == (1, 0, 0)
+
+
+def test_lesions(cerebellum):
+    servicer, _, channel_stub = cerebellum
+    x = activity(3)
+    (normal,) = predict(channel_stub, query(x, batch=500))
+
+    configure(channel_stub, {"lesion": "olive"})
+    (olive,) = predict(channel_stub, query(x, batch=501))
+    reply = channel_stub.Learn(
+        iter([learn_request(torch.zeros(ROWS, WIDTH), batch=501)]), timeout=10
+    )
+    assert torch.equal(olive, normal)  # predictions go on
+    assert (reply.accepted, reply.rejected) == (0, 1)  # learning stops
+    assert servicer.stats()["lesion.olive"] == 1.0
+
+    configure(channel_stub, {"lesion": "cerebellum"})
+    reply = channel_stub.Predict(pb.PredictRequest(queries=[query(x)]), timeout=10)
+    assert list(reply.available) == [False]
+    assert reply.predictions[0] == pb.Tensor()
+
+    configure(channel_stub, {"lesion": None})
+    assert torch.equal(predict(channel_stub, query(x, batch=502))[0], normal)
+
+
+# --- bad input --------------------------------------------------------------------
+
+
+def good_tensor() -> pb.Tensor:
+    return encode(activity(0))
+
+
+def tensor(**fields) -> pb.Tensor:
+    msg = good_tensor()
+    for name, value in fields.items():
+        if name == "shape":
+            del msg.shape[:]
+            msg.shape.extend(value)
+        else:
+            setattr(msg, name, value)
+    return msg
+
+
+def with_nan() -> pb.Tensor:
+    x = activity(0)
+    x[1, 2] = float("nan")
+    return encode(x)
+
+
+def with_inf() -> pb.Tensor:
+    x = activity(0)
+    x[0, 0] = float("inf")
+    return encode(x)
+
+
+def too_large_for_float32() -> pb.Tensor:
+    return encode(activity(0).double() * 1e300)
+
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+BAD_QUERIES = {
+    "byte_count": (
+        pb.ZoneQuery(zone=ZONE, activity=tensor(data=b"\0" * 10)),
+        INVALID,
+        "queries[1].activity.data",
+    ),
+    "unknown_dtype": (
+        pb.ZoneQuery(zone=ZONE, activity=tensor(dtype="float8")),
+        INVALID,
+        "queries[1].activity.dtype",
+    ),
+    "integer_dtype": (
+        pb.ZoneQuery(zone=ZONE, activity=tensor(dtype="int32")),
+        INVALID,
+        "queries[1].activity.dtype",
+    ),
+    "wrong_width": (
+        pb.ZoneQuery(zone=ZONE, activity=encode(activity(0, width=WIDTH + 1))),
+        INVALID,
+        "queries[1].activity.shape",
+    ),
+    "three_dims": (
+        pb.ZoneQuery(zone=ZONE, activity=tensor(shape=[2, 2, WIDTH])),
+        INVALID,
+        "queries[1].activity.shape",
+    ),
+    "negative_dim": (
+        pb.ZoneQuery(zone=ZONE, activity=tensor(shape=[-4, WIDTH])),
+        INVALID,
+        "queries[1].activity.shape",
+    ),
+    "no_rows": (
+        pb.ZoneQuery(zone=ZONE, activity=encode(torch.zeros(0, WIDTH))),
+        INVALID,
+        "queries[1].activity.shape",
+    ),
+    "nan": (
+        pb.ZoneQuery(zone=ZONE, activity=with_nan()),
+        INVALID,
+        "queries[1].activity",
+    ),
+    "inf": (
+        pb.ZoneQuery(zone=ZONE, activity=with_inf()),
+        INVALID,
+        "queries[1].activity",
+    ),
+    "overflow": (
+        pb.ZoneQuery(zone=ZONE, activity=too_large_for_float32()),
+        INVALID,
+        "queries[1].activity",
+    ),
+    "unknown_zone": (
+        pb.ZoneQuery(zone="state_9", activity=good_tensor()),
+        grpc.StatusCode.NOT_FOUND,
+        "queries[1].zone",
+    ),
+    "missing_activity": (pb.ZoneQuery(zone=ZONE), INVALID, "queries[1].activity"),
+    "unexpected_context": (
+        pb.ZoneQuery(zone=ZONE, activity=good_tensor(), context=good_tensor()),
+        INVALID,
+        "queries[1].context",
+    ),
+    "placeholder": (
+        pb.ZoneQuery(zone=ZONE, activity=tensor(data=b"", parts=2)),
+        INVALID,
+        "queries[1].activity.parts",
+    ),
+}
+REASONS = {
+    "byte_count": "byte_count",
+    "unknown_dtype": "dtype",
+    "integer_dtype": "dtype",
+    "wrong_width": "width",
+    "three_dims": "shape",
+    "negative_dim": "shape",
+    "no_rows": "shape",
+    "nan": "not_finite",
+    "inf": "not_finite",
+    "overflow": "not_finite",
+    "unknown_zone": "unknown_zone",
+    "missing_activity": "missing_field",
+    "unexpected_context": "context",
+    "placeholder": "placeholder",
+}
+
+
+def state_counters(servicer) -> dict:
+    """The counters that change when a call changes state."""
+    stats = servicer.stats()
+    names = ("predictions", "accepted", "cache_misses", "updates", "step", "evictions")
+    zone = {k: v for k, v in stats.items() if k.startswith("zone.") and v == v}
+    return {**{name: stats[name] for name in names}, **zone}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_QUERIES))
+def test_bad_query_gets_specific_status_and_changes_nothing(cerebellum, case):
+    servicer, _, channel_stub = cerebellum
+    bad, code, field = BAD_QUERIES[case]
+    probe = query(activity(9), batch=600)
+    (before,) = predict(channel_stub, probe)
+    counters = state_counters(servicer)
+    rejected = servicer.stats()[f"rejected.{REASONS[case]}"]
+
+    # A valid query first: it must not be answered or cached either.
+    request = pb.PredictRequest(queries=[query(activity(8), batch=601), bad])
+    with pytest.raises(grpc.RpcError) as caught:
+        channel_stub.Predict(request, timeout=10)
+
+    assert caught.value.code() == code
+    assert caught.value.details().startswith(field)
+    assert state_counters(servicer) == counters
+    assert servicer.stats()[f"rejected.{REASONS[case]}"] == rejected + 1
+    (after,) = predict(channel_stub, probe)
+    assert torch.equal(after, before)
+    # Nothing was cached for the valid query of the refused call.
+    reply = channel_stub.Learn(
+        iter([learn_request(torch.zeros(ROWS, WIDTH), batch=601)]), timeout=10
+    )
+    assert reply.cache_misses == 1
+
+
+def test_oversized_message_is_refused(cerebellum):
+    servicer, server, _ = cerebellum
+    big_client = stub(server, limit=8 * LIMIT)  # may send more than the server takes
+    counters = state_counters(servicer)
+    rows = LIMIT // (WIDTH * 4) + 16
+    request = pb.PredictRequest(queries=[query(activity(0, rows=rows))])
+
+    with pytest.raises(grpc.RpcError) as caught:
+        big_client.Predict(request, timeout=10)
+
+    # gRPC refuses it before the servicer sees it (so no reason is counted).
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in caught.value.details()
+    assert state_counters(servicer) == counters
+    assert predict(big_client, query(activity(0)))  # a correct call still works
+
+
+def part(field: str, index: int, parts: int, data: bytes, **fields) -> pb.LearnRequest:
+    values = {
+        "field": field,
+        "part": index,
+        "parts": parts,
+        "total_bytes": ROWS * WIDTH * 4,
+        "dtype": "float32",
+        "shape": [ROWS, WIDTH],
+        "data": data,
+    }
+    values.update(fields)
+    return pb.LearnRequest(part=pb.TensorPart(**values))
+
+
+def placeholder(parts: int = 2) -> pb.LearnRequest:
+    return pb.LearnRequest(
+        zone=ZONE,
+        key=pb.ActivityKey(batch=700),
+        observed=pb.Tensor(dtype="float32", shape=[ROWS, WIDTH], parts=parts),
+    )
+
+
+HALF = b"\0" * (ROWS * WIDTH * 2)
+BAD_STREAMS = {
+    "part_without_placeholder": ([part("observed", 0, 2, HALF)], "part_sequence"),
+    "part_for_wrong_field": (
+        [placeholder(), part("activity", 0, 2, HALF)],
+        "part_sequence",
+    ),
+    "part_out_of_order": (
+        [placeholder(), part("observed", 1, 2, HALF)],
+        "part_sequence",
+    ),
+    "part_disagrees": (
+        [placeholder(), part("observed", 0, 2, HALF, dtype="float64")],
+        "part_sequence",
+    ),
+    "stream_ends_mid_tensor": (
+        [placeholder(), part("observed", 0, 2, HALF)],
+        "part_sequence",
+    ),
+    "new_frame_before_parts": ([placeholder(), placeholder()], "part_sequence"),
+    "byte_count": (
+        [pb.LearnRequest(zone=ZONE, observed=tensor(data=b"\0" * 3))],
+        "byte_count",
+    ),
+    "unknown_dtype": (
+        [pb.LearnRequest(zone=ZONE, observed=tensor(dtype="complex64"))],
+        "dtype",
+    ),
+    "missing_observed": ([pb.LearnRequest(zone=ZONE)], "missing_field"),
+    "missing_zone": ([pb.LearnRequest(observed=good_tensor())], "missing_field"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_STREAMS))
+def test_malformed_learn_stream_is_refused(cerebellum, case):
+    servicer, _, channel_stub = cerebellum
+    frames, reason = BAD_STREAMS[case]
+    probe = query(activity(9), batch=700)
+    (before,) = predict(channel_stub, probe)
+    rejected = servicer.stats()[f"rejected.{reason}"]
+    step = servicer.step
+
+    with pytest.raises(grpc.RpcError) as caught:
+        channel_stub.Learn(iter(frames), timeout=10)
+
+    assert caught.value.code() == INVALID
+    assert caught.value.details().startswith("frame ")
+    assert servicer.stats()[f"rejected.{reason}"] == rejected + 1
+    assert servicer.step == step
+    (after,) = predict(channel_stub, probe)  # the cached activity is still there
+    assert torch.equal(after, before)
+    reply = channel_stub.Learn(
+        iter([learn_request(torch.zeros(ROWS, WIDTH), batch=700)]), timeout=10
+    )
+    assert reply.accepted == 1
+
+
+UNFIT = {
+    "nan": (with_nan(), ZONE, "not_finite"),
+    "overflow": (too_large_for_float32(), ZONE, "not_finite"),
+    "wrong_width": (encode(activity(0, width=WIDTH - 1)), ZONE, "width"),
+    "wrong_rows": (encode(activity(0, rows=ROWS + 1)), ZONE, "shape"),
+    "unknown_zone": (good_tensor(), "state_5", "unknown_zone"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNFIT))
+def test_unfit_observation_is_rejected_and_stream_goes_on(cerebellum, case):
+    servicer, _, channel_stub = cerebellum
+    observed, zone, reason = UNFIT[case]
+    predict(channel_stub, query(activity(4), batch=800))
+    rejected = servicer.stats()[f"rejected.{reason}"]
+
+    reply = channel_stub.Learn(
+        iter(
+            [
+                pb.LearnRequest(
+                    zone=zone, key=pb.ActivityKey(batch=800), observed=observed
+                ),
+                learn_request(torch.zeros(ROWS, WIDTH), batch=800),
+            ]
+        ),
+        timeout=10,
+    )
+
+    # The unfit one is refused and leaves the cached activity for the good one.
+    assert (reply.accepted, reply.cache_misses, reply.rejected) == (1, 0, 1)
+    assert servicer.stats()[f"rejected.{reason}"] == rejected + 1
+
+
+BAD_CONFIGS = {
+    "not_msgpack": (b"\xc1\xc1", INVALID, "config: is not a msgpack"),
+    "not_a_map": (msgpack.packb([1, 2]), INVALID, "config.config: is a list"),
+    "unknown_key": (
+        msgpack.packb({**zone_config(), "speed": 1}),
+        INVALID,
+        "config.config: has unknown key(s) 'speed'",
+    ),
+    "missing_zones": (msgpack.packb({"lr": 0.1}), INVALID, "config.zones: is missing"),
+    "width_type": (
+        msgpack.packb(zone_config(in_features="16")),
+        INVALID,
+        "config.zones[0].in_features",
+    ),
+    "dotted_name": (
+        msgpack.packb(zone_config(name="chunk0.state")),
+        INVALID,
+        "config.zones[0].name",
+    ),
+    "negative_lr": (
+        msgpack.packb({**zone_config(), "lr": -1.0}),
+        INVALID,
+        "config.lr",
+    ),
+    "too_large": (
+        msgpack.packb(zone_config(in_features=2**20, granule_width=2**20)),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "config.zones[0]",
+    ),
+    "bad_lesion": (msgpack.packb({"lesion": "cortex"}), INVALID, "config.lesion"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bad_config_is_refused_and_changes_nothing(cerebellum, case):
+    servicer, _, channel_stub = cerebellum
+    raw, code, prefix = BAD_CONFIGS[case]
+    probe = query(activity(9), batch=900)
+    (before,) = predict(channel_stub, probe)
+
+    with pytest.raises(grpc.RpcError) as caught:
+        channel_stub.Configure(pb.ConfigureRequest(config=raw), timeout=10)
+
+    assert caught.value.code() == code
+    assert caught.value.details().startswith(prefix)
+    assert torch.equal(predict(channel_stub, probe)[0], before)
+
+
+def test_stats_names(cerebellum):
+    _, _, channel_stub = cerebellum
+    reply = channel_stub.Stats(pb.StatsRequest(names=["step", "updates"]), timeout=10)
+    assert sorted(reply.counters) == ["step", "updates"]
+
+    with pytest.raises(grpc.RpcError) as caught:
+        channel_stub.Stats(pb.StatsRequest(names=["no_such_counter"]), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "no_such_counter" in caught.value.details()
+
+
+def test_unconfigured_server_answers_failed_precondition():
+    servicer, server = start_cerebellum()
+    try:
+        channel_stub = stub(server)
+        for method, request in (
+            ("Predict", pb.PredictRequest(queries=[query(activity(0))])),
+            ("Checkpoint", pb.CheckpointRequest(path="x.pt")),
+        ):
+            with pytest.raises(grpc.RpcError) as caught:
+                getattr(channel_stub, method)(request, timeout=10)
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert servicer.stats()["rejected.not_configured"] == 2
+    finally:
+        server.stop(0)
+
+
+# --- checkpoints ------------------------------------------------------------------
+
+
+def test_checkpoint_restore_round_trip(cerebellum):
+    servicer, server, channel_stub = cerebellum
+    probe = [query(activity(seed), batch=seed) for seed in range(3)]
+    before = predict(channel_stub, *probe)
+    path = servicer.checkpoint_dir / "round.pt"
+    fresh_servicer, fresh = start_cerebellum(checkpoint_dir=servicer.checkpoint_dir)
+
+    try:
+        reply = stub(server).Checkpoint(
+            pb.CheckpointRequest(path=str(path)), timeout=10
+        )
+        restored = stub(fresh).Restore(pb.RestoreRequest(path="round.pt"), timeout=10)
+        after = predict(stub(fresh), *probe)
+    finally:
+        fresh.stop(0)
+
+    assert reply.path == str(path) and reply.size_bytes == path.stat().st_size
+    assert restored.step == reply.step == servicer.step
+    assert fresh_servicer.step == servicer.step
+    for a, b in zip(after, before, strict=True):
+        assert torch.equal(a, b)
+    manifest = read_manifest(path)
+    assert manifest["size_bytes"] == reply.size_bytes
+    assert manifest["zones"] == [ZONE]
+
+
+def test_failed_checkpoint_write_keeps_previous_one(cerebellum, monkeypatch):
+    servicer, server, channel_stub = cerebellum
+    directory = servicer.checkpoint_dir / "failed_write"
+    directory.mkdir()
+    path = directory / "kept.pt"
+    save_checkpoint(path, *trained_cerebellum(seed=1), step=3)
+    previous = path.read_bytes()
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(servicer_module.os, "fsync", full_disk)
+    with pytest.raises(grpc.RpcError) as caught:
+        channel_stub.Checkpoint(pb.CheckpointRequest(path=str(path)), timeout=10)
+    monkeypatch.undo()
+
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "unchanged" in caught.value.details()
+    assert path.read_bytes() == previous
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "kept.pt",
+        "kept.pt.manifest",
+    ]  # no temporary file left behind
+    config, restored, step = load_checkpoint(path)
+    assert step == 3 and config.zone_names == (ZONE,)
+
+
+def test_restore_refuses_bad_files(cerebellum):
+    servicer, _, channel_stub = cerebellum
+    checkpoint_dir = servicer.checkpoint_dir
+    (checkpoint_dir / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    torch.save({"format": "something else"}, checkpoint_dir / "other.pt")
+    cases = {
+        "garbage.pt": grpc.StatusCode.DATA_LOSS,
+        "other.pt": INVALID,
+        "missing.pt": grpc.StatusCode.NOT_FOUND,
+        "../outside.pt": grpc.StatusCode.PERMISSION_DENIED,
+        "": INVALID,
+    }
+    probe = query(activity(9), batch=950)
+    (before,) = predict(channel_stub, probe)
+
+    for path, code in cases.items():
+        with pytest.raises(grpc.RpcError) as caught:
+            channel_stub.Restore(pb.RestoreRequest(path=path), timeout=10)
+        assert caught.value.code() == code, path
+        assert caught.value.details().startswith("path")
+
+    assert torch.equal(predict(channel_stub, probe)[0], before)
+
+
+# --- degraded mode ----------------------------------------------------------------
+
+
+def test_remote_cerebellum_degrades_and_recovers(reference, caplog):
+    path, local = reference
+    _, server = start_cerebellum()
+    port = server.port
+    remote = RemoteCerebellum(
+        server.address, ClientSecurity(token=TOKEN), deadline_s=1.0, retries=1
+    )
+    queries = [Query(ZONE, ActivityKey(0, 0), activity(0))]
+    restarted = None
+    try:
+        remote.restore(str(path))
+        assert remote.predict(queries)[0] is not None
+
+        server.stop(0)
+        with caplog.at_level(logging.WARNING, logger="cerebellum_service.client"):
+            answers = [remote.predict(queries) for _ in range(4)]
+            remote.observe([Observation(ZONE, ActivityKey(0, 0), activity(1))])
+        assert answers == [[None]] * 4
+        assert remote.degraded
+        assert remote.counters.get("degraded_calls") == 4
+        warnings = [r for r in caplog.records if "unreachable" in r.getMessage()]
+        assert len(warnings) == 1  # one warning per outage, not per call
+
+        _, restarted = start_cerebellum(port=port)
+        remote.wait_ready(10)
+        remote.restore(str(path))
+        (answer,) = remote.predict(queries)
+        assert not remote.degraded
+        assert torch.equal(answer, local.predict(queries)[0])
+        assert remote.counters.get("outages") == 1
+    finally:
+        remote.close()
+        server.stop(0)
+        if restarted is not None:
+            restarted.stop(0)
+
+
+def test_remote_cerebellum_raises_for_bad_queries(cerebellum):
+    _, server, _ = cerebellum
+    with RemoteCerebellum(server.address, ClientSecurity(token=TOKEN)) as remote:
+        with pytest.raises(KeyError, match="state_9"):
+            remote.predict([Query("state_9", ActivityKey(0, 0), activity(0))])
+        with pytest.raises(ValueError, match="activity.shape"):
+            remote.predict([Query(ZONE, ActivityKey(0, 0), activity(0, width=3))])
+        with pytest.raises(ValueError, match="config.zones"):
+            remote.configure([{"name": ZONE}])
+        assert remote.update() == {}
+        assert remote.counters.get("degraded_calls") == 0
