@@ -778,14 +778,17 @@ class Counters:
         self._values: dict[str, float] = dict.fromkeys(names, 0)
 
     def add(self, name: str, amount: float = 1) -> None:
+        """Add ``amount`` to counter ``name`` (created at zero if new)."""
         with self._lock:
             self._values[name] = self._values.get(name, 0) + amount
 
     def get(self, name: str) -> float:
+        """The value of ``name``; 0 for a counter never added to."""
         with self._lock:
             return self._values.get(name, 0)
 
     def snapshot(self) -> dict[str, float]:
+        """A copy of every counter."""
         with self._lock:
             return dict(self._values)
 

@@ -19,6 +19,7 @@ from protos import ccdni_pb2_grpc as pb_grpc
 from protos.service import (
     ClientSecurity,
     ServerSecurity,
+    call,
     open_channel,
     security_from_args,
     start_server,
@@ -316,3 +317,55 @@ def test_graceful_stop_lets_in_flight_call_finish():
     assert not stopper.is_alive()
     status = server.health.Check(health_pb2.HealthCheckRequest(service=""), None)
     assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+# --- client retries -----------------------------------------------------------------
+
+
+class FakeRpcError(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+
+def failing(codes: list[grpc.StatusCode], calls: list[float]):
+    """A stub method failing with ``codes`` in turn, then answering "ok"."""
+
+    def method(request, timeout, metadata):
+        calls.append(timeout)
+        if codes:
+            raise FakeRpcError(codes.pop(0))
+        return "ok"
+
+    return method
+
+
+def test_call_retries_transient_codes_with_a_deadline_each_time():
+    calls: list[float] = []
+    codes = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED]
+    method = failing(codes, calls)
+
+    assert call(method, None, deadline_s=0.25, retries=2, backoff_s=0) == "ok"
+    assert calls == [0.25, 0.25, 0.25]
+
+
+def test_call_gives_up_after_the_retry_limit():
+    calls: list[float] = []
+    method = failing([grpc.StatusCode.UNAVAILABLE] * 5, calls)
+
+    with pytest.raises(grpc.RpcError) as caught:
+        call(method, None, retries=2, backoff_s=0)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert len(calls) == 3
+
+
+def test_call_raises_other_codes_at_once():
+    calls: list[float] = []
+    method = failing([grpc.StatusCode.INVALID_ARGUMENT], calls)
+
+    with pytest.raises(grpc.RpcError) as caught:
+        call(method, None, retries=5, backoff_s=0)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(calls) == 1
