@@ -145,6 +145,8 @@ def run(args: argparse.Namespace) -> dict:
             "python": platform.python_version(),
             "torch": torch.__version__,
             "gpu": torch.cuda.is_available(),
+            # Other work on the machine inflates the tails; recorded for honesty.
+            "load_average_1min": os.getloadavg()[0],
         },
         "phases": {},
     }
@@ -216,7 +218,8 @@ def markdown(results: dict) -> str:
         f"Predict latency, zone {config['width']}→{config['granule_width']}→"
         f"{config['width']}, batch {config['batch']}, {config['calls']} calls after "
         f"{config['warmup']} warm-up; {machine['cpus']} CPUs, "
-        f"{'GPU' if machine['gpu'] else 'no GPU'}, torch {machine['torch']}",
+        f"{'GPU' if machine['gpu'] else 'no GPU'}, torch {machine['torch']}, "
+        f"load average {machine['load_average_1min']:.1f}",
         "",
         "| phase | median ms | p90 ms | p99 ms | mean ms | max ms |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
