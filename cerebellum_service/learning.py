@@ -31,6 +31,7 @@ from cerebellum_service.network import Microzone
 logger = logging.getLogger(__name__)
 
 HISTORY = 10_000  # updates of history kept per microzone
+RUNNING_RATE = 0.02  # weight of one update in the running prediction error
 
 
 @dataclass(frozen=True, order=True)
@@ -80,9 +81,11 @@ class ZoneStats:
     updates: int = 0
     last_loss: float = float("nan")
     last_cosine: float = float("nan")
-    # Mean squared error over the mean squared target: 1 for a cerebellum that
-    # predicts nothing, whatever the scale of the feedback at this stage.
+    # Running mean squared error over running mean squared target: 1 for a
+    # cerebellum that predicts nothing, whatever the scale of the feedback.
     last_relative_error: float = float("nan")
+    running_error: float = 0.0
+    running_power: float = 0.0
     loss_history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
     relative_error_history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
 
@@ -287,8 +290,14 @@ class LocalCerebellum(FeedbackPredictor):
             F.cosine_similarity(prediction.flatten(), target.flatten(), dim=0)
         )
         stats.loss_history.append(loss)
+        # Running means over updates: single updates see one window each, and
+        # windows differ in how much feedback reaches them by orders of magnitude.
+        rate = RUNNING_RATE if stats.updates > 1 else 1.0
         power = float(target.pow(2).mean())
-        stats.last_relative_error = loss / power if power > 0 else float("nan")
+        stats.running_error += rate * (loss - stats.running_error)
+        stats.running_power += rate * (power - stats.running_power)
+        if stats.running_power > 0:
+            stats.last_relative_error = stats.running_error / stats.running_power
         stats.relative_error_history.append(stats.last_relative_error)
 
     def state_dict(self) -> dict:
