@@ -88,6 +88,7 @@ class ZoneStats:
     running_power: float = 0.0
     loss_history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
     relative_error_history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
+    cosine_history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
 
 
 class FeedbackPredictor(ABC):
@@ -290,6 +291,7 @@ class LocalCerebellum(FeedbackPredictor):
             F.cosine_similarity(prediction.flatten(), target.flatten(), dim=0)
         )
         stats.loss_history.append(loss)
+        stats.cosine_history.append(stats.last_cosine)
         # Running means over updates: single updates see one window each, and
         # windows differ in how much feedback reaches them by orders of magnitude.
         rate = RUNNING_RATE if stats.updates > 1 else 1.0

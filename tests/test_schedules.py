@@ -100,13 +100,14 @@ def test_decoupled_learns_and_its_cerebellum_predicts_observed_feedback():
         granule_width=128,
         lr=3e-3,
     )
-    run = run_threaded(config, task, "decoupled", 60)
+    run = run_threaded(config, task, "decoupled", 100)
     losses = run.losses
-    assert sum(losses[-10:]) / 10 < 0.9 * sum(losses[:10]) / 10
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
     stats = run.cerebellum.stats["output_0"]
-    assert stats.updates >= 50
+    assert stats.updates >= 90
     # Predicted and observed feedback of chunk 0's output point the same way.
-    assert stats.last_cosine > 0.2
+    late = list(stats.cosine_history)[-40:]
+    assert sum(late) / len(late) > 0.05
 
 
 def test_decoupled_chunk_zero_never_waits_for_feedback():
