@@ -30,6 +30,7 @@ LIMIT = 1 << 20
 
 ZONE = "state_0"
 WIDTH = 16
+ROWS = 4
 
 
 def zone_config(**overrides: object) -> dict:
@@ -140,3 +141,18 @@ def status_of(fn, request, **kwargs) -> grpc.StatusCode:
     except grpc.RpcError as error:
         return error.code()
     return grpc.StatusCode.OK
+
+
+def trained_cerebellum(seed: int = 0):
+    """A local cerebellum whose Purkinje layer is not zero, so answers differ."""
+    config = CerebellumConfig.from_dict(zone_config())
+    cerebellum = config.build()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in cerebellum.zones.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    return config, cerebellum
+
+
+def activity(seed: int, rows: int = ROWS, width: int = WIDTH) -> torch.Tensor:
+    return torch.randn(rows, width, generator=torch.Generator().manual_seed(seed))

@@ -13,7 +13,6 @@ import torch
 
 from cerebellum_service import servicer as servicer_module
 from cerebellum_service.client import RemoteCerebellum
-from cerebellum_service.config import CerebellumConfig
 from cerebellum_service.learning import ActivityKey, Observation, Query
 from cerebellum_service.servicer import load_checkpoint, read_manifest, save_checkpoint
 from protos import ccdni_pb2 as pb
@@ -21,33 +20,19 @@ from protos.codec import decode, encode, split_frames
 from protos.service import ClientSecurity
 from tests.service_helpers import (
     LIMIT,
+    ROWS,
     TOKEN,
     WIDTH,
     ZONE,
+    activity,
     configure,
     learn_request,
     query,
     start_cerebellum,
     stub,
+    trained_cerebellum,
     zone_config,
 )
-
-ROWS = 4
-
-
-def trained_cerebellum(seed: int = 0):
-    """A local cerebellum whose Purkinje layer is not zero, so answers differ."""
-    config = CerebellumConfig.from_dict(zone_config())
-    cerebellum = config.build()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in cerebellum.zones.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-    return config, cerebellum
-
-
-def activity(seed: int, rows: int = ROWS, width: int = WIDTH) -> torch.Tensor:
-    return torch.randn(rows, width, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module")

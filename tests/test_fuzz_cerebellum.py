@@ -31,16 +31,17 @@ from tests.fuzzing import (
 )
 from tests.service_helpers import (
     LIMIT,
+    ROWS,
     TOKEN,
     WIDTH,
     ZONE,
+    activity,
     query,
     start_cerebellum,
+    trained_cerebellum,
     zone_config,
 )
-from tests.test_cerebellum_service import activity, trained_cerebellum
 
-ROWS = 4
 PROBE_BATCH = 10**9  # a key no fuzz message uses
 Code = grpc.StatusCode
 REFUSALS = {
