@@ -42,6 +42,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -93,7 +94,7 @@ class BenchConfig:
         threads: torch threads per actor or process.
         n_train: cap on training sequences (``None``: the task's own).
         target_loss: validation loss for time-to-target (``None``: the loss every
-            contender reached, see :func:`choose_target`).
+            run reached, see :func:`choose_target`).
         sweep_chunks: other numbers of chunks to measure throughput at.
         sweep_steps: batches per run in the sweep.
         seed: weights and batch order.
@@ -106,6 +107,10 @@ class BenchConfig:
         metrics: serve Prometheus ``/metrics`` from the actors, as a training run
             does (the bench itself reads nothing from it).
         timeline_seconds: seconds of the representative timelines to draw.
+        profile: also time, alone on the machine and with the run's shapes, a
+            cerebellum's Predict (``python -m cerebellum_service.bench``) and one
+            window's activity sent between two processes, to tell compute and
+            transport from contention.
     """
 
     task: str = "patterns"
@@ -134,6 +139,7 @@ class BenchConfig:
     fresh: bool = False
     metrics: bool = True
     timeline_seconds: float | None = None
+    profile: bool = False
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -176,22 +182,20 @@ class BenchConfig:
                 f"--micro-batches {self.micro_batches} exceeds --batch-size "
                 f"{self.batch_size}"
             )
-        if "torch-1f1b" in self.schedules:
-            smallest = min((self.chunks, *self.sweep_chunks))
-            largest = max((self.chunks, *self.sweep_chunks))
-            if self.micro_batches < largest:
-                raise ConfigError(
-                    f"torch-1f1b needs --micro-batches >= --chunks; got "
-                    f"{self.micro_batches} for up to {largest} chunks (smallest "
-                    f"{smallest}): raise --micro-batches or drop torch-1f1b"
-                )
+        largest = max((self.chunks, *self.sweep_chunks))
+        if "torch-1f1b" in self.schedules and self.micro_batches < largest:
+            raise ConfigError(
+                f"torch-1f1b needs --micro-batches at least the number of chunks; "
+                f"got {self.micro_batches} for {largest} chunks (--chunks, "
+                "--sweep-chunks): raise --micro-batches or drop torch-1f1b"
+            )
 
-    def train_config(self, chunks: int | None = None) -> TrainConfig:
+    def train_config(self) -> TrainConfig:
         """The training configuration every contender shares."""
         return for_task(
             self.task,
             model=self.model,
-            chunks=chunks or self.chunks,
+            chunks=self.chunks,
             layers_per_chunk=self.layers_per_chunk,
             hidden_size=self.hidden_size,
             truncation=self.truncation,
@@ -278,7 +282,7 @@ class RaySchedule:
         bench: BenchConfig,
         task: TaskData,
         scratch: Path,
-        cpus_per_actor: float,
+        placement: Placement,
     ) -> None:
         from orchestrator.cluster import Cluster, DistributedConfig
 
@@ -288,8 +292,8 @@ class RaySchedule:
             micro_batches=bench.micro_batches if name == "pipelined" else 1,
             checkpoint_every=0,
             ray_address=bench.ray_address,
-            cpus_per_actor=cpus_per_actor,
-            gpus=bench.gpus,
+            cpus_per_actor=placement.cpus_per_actor,
+            gpus=placement.gpus,
             metrics=bench.metrics,
         )
         self.cluster = Cluster(config, dist, task, scratch / f"{name}-k{config.chunks}")
@@ -349,7 +353,12 @@ class TorchSchedule:
     kind = "torch"
 
     def __init__(
-        self, name: str, config: TrainConfig, bench: BenchConfig, task: TaskData
+        self,
+        name: str,
+        config: TrainConfig,
+        bench: BenchConfig,
+        task: TaskData,
+        placement: Placement,
     ) -> None:
         from orchestrator.baselines.torch_pipeline import TorchPipeline
 
@@ -358,7 +367,10 @@ class TorchSchedule:
         # The baselines have no cerebellum: truncated BPTT whatever --model says.
         crnn = config.replace(model="crnn") if config.model == "ccrnn" else config
         self.pipeline = TorchPipeline(
-            crnn, name, bench.micro_batches, device=_torch_device(config.chunks)
+            crnn,
+            name,
+            bench.micro_batches,
+            device="cuda" if placement.gpus else "cpu",
         )
 
     def launch(self) -> None:
@@ -386,15 +398,6 @@ class TorchSchedule:
 
     def shutdown(self) -> None:
         self.pipeline.shutdown()
-
-
-def _torch_device(chunks: int) -> str:
-    """CUDA (NCCL) for the baseline when every stage can have a GPU, else CPU."""
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.device_count() >= chunks:
-        return "cuda"
-    return "cpu"
 
 
 def _cluster_events(cluster) -> list[dict[str, Any]]:
@@ -574,17 +577,17 @@ def _curve_point(validation, step, examples, seconds, train_loss) -> dict[str, A
 
 
 def build_contenders(
-    bench: BenchConfig, task: TaskData, scratch: Path, cpus_per_actor: float
+    bench: BenchConfig, task: TaskData, scratch: Path, placement: Placement
 ) -> list[Contender]:
     """One contender per schedule of ``bench``, not yet started."""
     config = bench.train_config()
     contenders: list[Contender] = []
     for name in bench.schedules:
         if name in TORCH_SCHEDULES:
-            contenders.append(TorchSchedule(name, config, bench, task))
+            contenders.append(TorchSchedule(name, config, bench, task, placement))
         else:
             contenders.append(
-                RaySchedule(name, config, bench, task, scratch, cpus_per_actor)
+                RaySchedule(name, config, bench, task, scratch, placement)
             )
     return contenders
 
@@ -613,20 +616,20 @@ def run_interleaved(
     bench: BenchConfig,
     task: TaskData,
     scratch: Path,
-    cpus_per_actor: float,
+    placement: Placement,
     evaluate: bool = True,
 ) -> dict[str, list[Run]]:
     """Every contender's ``bench.repeats`` runs, taken in turns (A B C A B C …).
 
     All contenders stay alive throughout, idle but for their turn; with
-    ``bench.fresh`` each turn starts and warms up its contender anew instead.
+    ``placement.fresh`` each turn starts and warms up its contender anew.
     """
     runs: dict[str, list[Run]] = {name: [] for name in bench.schedules}
-    if bench.fresh:
+    if placement.fresh:
         for repeat in range(bench.repeats):
             for name in bench.schedules:
                 alone = dataclasses.replace(bench, schedules=(name,))
-                (contender,) = build_contenders(alone, task, scratch, cpus_per_actor)
+                (contender,) = build_contenders(alone, task, scratch, placement)
                 try:
                     launch_all([contender], bench.warmup)
                     run = run_once(contender, bench, task, bench.steps, evaluate)
@@ -636,7 +639,7 @@ def run_interleaved(
                 _log_run(name, bench.chunks, repeat, run)
         return runs
 
-    contenders = build_contenders(bench, task, scratch, cpus_per_actor)
+    contenders = build_contenders(bench, task, scratch, placement)
     try:
         launch_all(contenders, bench.warmup)
         for repeat in range(bench.repeats):
@@ -660,56 +663,97 @@ def _log_run(name: str, chunks: int, repeat: int, run: Run) -> None:
     )
 
 
-def _ray_actor_count(schedules: Sequence[str], chunks: int, model: str) -> int:
-    return sum(
-        chunks + (model == "ccrnn" or (s == "decoupled" and chunks > 1))
-        for s in schedules
-        if s in SCHEDULES
-    )
+def _actors_per_contender(name: str, chunks: int, model: str) -> int:
+    """Processes a contender runs: its chunks, and a cerebellum where it has one."""
+    if name in TORCH_SCHEDULES:
+        return chunks
+    return chunks + (model == "ccrnn" or (name == "decoupled" and chunks > 1))
 
 
-def prepare_ray(bench: BenchConfig) -> float:
-    """Join or start Ray; returns the CPU reservation per actor that lets all fit."""
-    ray_schedules = [s for s in bench.schedules if s in SCHEDULES]
-    if not ray_schedules:
-        return bench.cpus_per_actor
+@dataclass(frozen=True)
+class Placement:
+    """Where one configuration's contenders run.
+
+    Attributes:
+        gpus: one GPU per actor and per PyTorch stage, for every contender alike.
+        fresh: one contender alive at a time (the cluster cannot hold them all).
+        cpus_per_actor: Ray's CPU reservation per actor, shrunk so that every
+            live actor fits (bookkeeping only: it pins and limits nothing).
+    """
+
+    gpus: bool
+    fresh: bool
+    cpus_per_actor: float
+
+
+def prepare_ray(bench: BenchConfig) -> None:
+    """Join the Ray cluster, or start a local one large enough for every actor."""
+    if not any(s in SCHEDULES for s in bench.schedules):
+        return
     import ray
 
     from orchestrator.cluster import RAY_DEFAULTS, connect_ray
 
-    # Every contender of the largest configuration is alive at once.
+    if ray.is_initialized():
+        return
+    if bench.ray_address is not None:
+        connect_ray(bench.ray_address)
+        return
     largest = max((bench.chunks, *bench.sweep_chunks))
-    alive = bench.schedules if not bench.fresh else ray_schedules[:1]
-    actors = _ray_actor_count(alive, largest, bench.model) or 1
-    if not ray.is_initialized():
-        if bench.ray_address is None:
-            for name, value in RAY_DEFAULTS.items():
-                os.environ.setdefault(name, value)
-            logger.info("starting a local Ray cluster")
-            ray.init(
-                num_cpus=max(os.cpu_count() or 1, math.ceil(actors * 0.5)),
-                include_dashboard=False,
-                configure_logging=False,
-                log_to_driver=False,
+    actors = sum(
+        _actors_per_contender(s, largest, bench.model)
+        for s in bench.schedules
+        if s in SCHEDULES
+    )
+    for name, value in RAY_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    logger.info("starting a local Ray cluster")
+    ray.init(
+        num_cpus=max(os.cpu_count() or 1, math.ceil(actors * bench.cpus_per_actor)),
+        include_dashboard=False,
+        configure_logging=False,
+        log_to_driver=False,
+    )
+
+
+def plan(bench: BenchConfig) -> Placement:
+    """GPUs or not, all alive or one at a time, for ``bench.chunks`` chunks.
+
+    Every contender gets the same kind of device: GPUs only when the widest
+    contender (the decoupled one, with its cerebellum) can have one per actor and
+    every PyTorch stage can have one here; otherwise every contender runs on CPU.
+    """
+    import torch
+
+    ray_names = [s for s in bench.schedules if s in SCHEDULES]
+    sizes = [_actors_per_contender(s, bench.chunks, bench.model) for s in ray_names]
+    gpus, cpus = 0, 0.0
+    if ray_names:
+        import ray
+
+        resources = ray.cluster_resources()
+        gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", 0.0)
+    local_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    torch_ok = local_gpus >= bench.chunks or not any(
+        s in TORCH_SCHEDULES for s in bench.schedules
+    )
+    enough = (not ray_names or gpus >= max(sizes)) and torch_ok
+    use_gpus = bench.gpus if bench.gpus is not None else bool(gpus or local_gpus)
+    if use_gpus and not enough:
+        if bench.gpus:
+            raise ConfigError(
+                f"--gpus: {bench.chunks} chunks need {max(sizes, default=0)} GPUs "
+                f"for the widest contender and {bench.chunks} here for the PyTorch "
+                f"stages; the cluster has {gpus}, this machine {local_gpus}: lower "
+                "--chunks or drop --gpus"
             )
-        else:
-            connect_ray(bench.ray_address)
-    cpus = ray.cluster_resources().get("CPU", 0)
-    # Ray's CPU reservation is bookkeeping; shrink it so that every actor fits.
-    if not cpus:
-        return bench.cpus_per_actor
-    return min(bench.cpus_per_actor, math.floor(100 * cpus / actors) / 100)
-
-
-def needs_fresh(bench: BenchConfig) -> bool:
-    """Whether the contenders cannot all hold a GPU per actor at once."""
-    import ray
-
-    if bench.fresh or not ray.is_initialized() or bench.gpus is False:
-        return bench.fresh
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    largest = max((bench.chunks, *bench.sweep_chunks))
-    return bool(gpus) and _ray_actor_count(bench.schedules, largest, bench.model) > gpus
+        use_gpus = False
+    fresh = bench.fresh or (use_gpus and sum(sizes) > gpus)
+    alive = max(sizes, default=1) if fresh else max(sum(sizes), 1)
+    cpus_per_actor = bench.cpus_per_actor
+    if cpus:
+        cpus_per_actor = min(cpus_per_actor, math.floor(100 * cpus / alive) / 100)
+    return Placement(use_gpus, fresh, cpus_per_actor)
 
 
 # Summaries -------------------------------------------------------------------------
@@ -817,12 +861,16 @@ def ideal_speedups(
 
 
 def choose_target(curves: dict[str, list[list[dict[str, Any]]]]) -> float | None:
-    """The validation loss that every run reached: the worst of their bests.
+    """The default target validation loss: what ``locked`` ends its runs at.
 
-    The target is the highest of the runs' lowest validation losses, so the run
-    that learns least well reaches it only at its best point, and a contender
-    that runs fast but learns worse shows it in its time to the target.
+    ``locked`` trains with exact feedback, so its final loss (the highest over its
+    runs) is the level the other contenders are asked to reach: those doing the
+    same arithmetic reach it at their last evaluation, and one that runs faster
+    but learns worse reaches it late or not at all, and shows it. Without
+    ``locked``, the highest of every run's lowest loss, which every run reaches.
     """
+    if curves.get("locked"):
+        return max(c[-1]["validation_loss"] for c in curves["locked"])
     bests = [
         min(p["validation_loss"] for p in curve)
         for runs in curves.values()
@@ -833,9 +881,13 @@ def choose_target(curves: dict[str, list[list[dict[str, Any]]]]) -> float | None
 
 
 def time_to_target(curve: list[dict[str, Any]], target: float) -> float | None:
-    """Measured seconds to the first evaluation at or below ``target``."""
+    """Measured seconds to the first evaluation at or below ``target``.
+
+    A relative 1e-5 of slack lets contenders that do locked's arithmetic in
+    another order (micro-batches, another runtime) reach locked's own loss.
+    """
     for point in curve:
-        if point["validation_loss"] <= target:
+        if point["validation_loss"] <= target * (1 + 1e-5):
             return point["seconds"]
     return None
 
@@ -901,6 +953,12 @@ def summarise(
             statistics.median(busy) if busy and None not in busy else None
         )
         record["actors"] = actor_breakdown(rs)
+        ours = [a["cpu"] for a in record["actors"].values()]
+        record["other_load_cores"] = (
+            max(0.0, record["machine_busy_cores"] - sum(ours))
+            if record["machine_busy_cores"] is not None and None not in ours
+            else None
+        )
         record["phase_seconds_per_step"] = {
             f"chunk-{k}": v for k, v in enumerate(per_step[name])
         }
@@ -1198,6 +1256,12 @@ def describe_setup(result: dict[str, Any]) -> str:
     config, task, machine = result["config"], result["task"], result["machine"]
     gpus = ", ".join(machine["gpus"]) if machine["gpus"] else "no GPU"
     load = result["load"]
+    placement = result["placement"][str(config["chunks"])]
+    devices = (
+        "one GPU per actor and per PyTorch stage"
+        if placement["gpus"]
+        else "CPU only (one process per actor or stage)"
+    )
     return "\n".join(
         [
             f"- network: {config['chunks']} chunks × {config['layers_per_chunk']} "
@@ -1217,6 +1281,12 @@ def describe_setup(result: dict[str, Any]) -> str:
             f"- machine: {machine['cpus']} × {machine['cpu_model']}, {gpus}; "
             f"Python {machine['python']}, torch {machine['torch']}, "
             f"Ray {machine['ray']}",
+            f"- devices: {devices}; "
+            + (
+                "each contender started anew for every run"
+                if placement["fresh"]
+                else "every contender alive throughout, idle but for its turns"
+            ),
             f"- load average (1, 5, 15 min) before: {load['before']}, after: "
             f"{load['after']}",
         ]
@@ -1292,6 +1362,43 @@ def render_tables(result: dict[str, Any]) -> str:
             )
             lines.append(f"| {name} | {chunk} | {cells} |")
 
+    send = result.get("send_latency")
+    if send:
+        shape = send["config"]
+        lines += [
+            "",
+            f"One window's activity ({shape['rows']} × {shape['steps']} × "
+            f"{shape['width']}) sent to a lone cortex service in another process, "
+            f"{shape['calls']} calls, in ms (*send*: the sender's own call; "
+            "*accepted*: until the receiver holds it):",
+            "",
+            "| phase | median | p90 | p99 | mean |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for phase, numbers in send["phases"].items():
+            lines.append(
+                f"| {phase} | {numbers['median_ms']:.1f} | {numbers['p90_ms']:.1f} "
+                f"| {numbers['p99_ms']:.1f} | {numbers['mean_ms']:.1f} |"
+            )
+
+    latency = result.get("predict_latency")
+    if latency:
+        shape = latency["config"]
+        lines += [
+            "",
+            f"Predict of {shape['batch']} rows × {shape['width']} against a lone "
+            f"cerebellum server (granule layer {shape['granule_width']}), "
+            f"{shape['calls']} calls, in ms:",
+            "",
+            "| phase | median | p90 | p99 | mean |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for phase, numbers in latency["phases"].items():
+            lines.append(
+                f"| {phase} | {numbers['median_ms']:.1f} | {numbers['p90_ms']:.1f} "
+                f"| {numbers['p99_ms']:.1f} | {numbers['mean_ms']:.1f} |"
+            )
+
     sweep = result.get("sweep")
     if sweep:
         names = sorted(
@@ -1322,72 +1429,169 @@ def render_tables(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def disturbances(result: dict[str, Any]) -> list[str]:
+    """Reasons not to trust the speed numbers of ``result`` (none: trust them).
+
+    Runs of one contender that differ by more than 30 %, a speed-up more than 10 %
+    above what the measured costs allow, or more than a quarter of a core busy
+    outside the bench's own processes while a contender ran.
+    """
+    reasons = []
+    records = _records(result)
+    for name, r in records.items():
+        rates = r["steps_per_second_spread"]
+        if rates["max"] > 1.3 * rates["min"]:
+            reasons.append(
+                f"{name}'s runs ranged from {rates['min']:.2f} to "
+                f"{rates['max']:.2f} steps/s"
+            )
+        if (
+            r["ideal_speedup"]
+            and r["speedup"]
+            and r["speedup"] > 1.1 * r["ideal_speedup"]
+        ):
+            reasons.append(
+                f"{name} measured {_x(r['speedup'])} over locked, above the "
+                f"{_x(r['ideal_speedup'])} its measured costs allow"
+            )
+    others = {n: r["other_load_cores"] for n, r in records.items()}
+    others = {n: v for n, v in others.items() if v is not None}
+    if others and max(others.values()) > 0.25:
+        worst = max(others, key=others.get)
+        reasons.append(
+            f"up to {others[worst]:.2f} cores were busy outside the bench's "
+            f"processes (while {worst} ran)"
+        )
+    return reasons
+
+
 def findings(result: dict[str, Any]) -> list[str]:
     """Plain statements the numbers support: the target, and what limits it."""
     schedules, baselines = result["schedules"], result["baselines"]
     notes = []
-    decoupled, locked = schedules.get("decoupled"), schedules.get("locked")
-    if decoupled and locked and decoupled["speedup"] is not None:
-        best_torch = max(
-            (b["speedup"] for b in baselines.values() if b["speedup"]), default=None
+    disturbed = disturbances(result)
+    if disturbed:
+        notes.append(
+            "**these speed numbers are disturbed**: "
+            + "; ".join(disturbed)
+            + ". They are no verdict on the target: rerun scripts/bench.sh on a "
+            "quiet machine."
         )
-        met = decoupled["speedup"] >= 1.6 and (
-            best_torch is None or decoupled["speedup"] > best_torch
+    decoupled, locked = schedules.get("decoupled"), schedules.get("locked")
+    if not (decoupled and locked and decoupled["speedup"] is not None):
+        return notes
+    best_torch = max(
+        (b["speedup"] for b in baselines.values() if b["speedup"]), default=None
+    )
+    met = decoupled["speedup"] >= 1.6 and (
+        best_torch is None or decoupled["speedup"] > best_torch
+    )
+    verdict = (
+        "no verdict, the numbers are disturbed"
+        if disturbed
+        else ("target met" if met else "target not met")
+    )
+    notes.append(
+        f"decoupled reached {_x(decoupled['speedup'])} the steps/s of locked "
+        "(the target is at least 1.6× and above both PyTorch schedules"
+        + (
+            ""
+            if best_torch is None
+            else f", the better of which reached {_x(best_torch)}"
+        )
+        + f"): {verdict}."
+    )
+
+    if decoupled["validation_loss"] > 1.05 * locked["validation_loss"]:
+        ttt = decoupled["time_to_target"]
+        notes.append(
+            f"decoupled learns less per example: after {decoupled['examples']} "
+            f"examples its validation loss is {decoupled['validation_loss']:.3f} "
+            f"({decoupled['metric_name']} {decoupled['metric']:.3f}) against "
+            f"locked's {locked['validation_loss']:.3f} ({locked['metric']:.3f}); "
+            f"{ttt['reached']} of its {len(ttt['runs'])} runs reached the target "
+            f"loss {result['target_loss']:.3f}."
+        )
+
+    phases = locked["phase_seconds_per_step"]
+    compute = {c: sum(p[q] for q in COMPUTE_PHASES) for c, p in phases.items()}
+    if len(compute) > 1 and min(compute.values()) > 0:
+        heavy = max(compute, key=compute.get)
+        why = (
+            " (chunks above the first read the hidden activity of the chunk "
+            "below, wider than the task's input, and also compute the feedback "
+            "of their input)"
+            if heavy != "chunk-0"
+            else ""
         )
         notes.append(
-            f"decoupled reached {_x(decoupled['speedup'])} the steps/s of locked "
-            f"(the target is at least 1.6× and above both PyTorch schedules"
-            + (
-                ""
-                if best_torch is None
-                else f", the better of which reached {_x(best_torch)}"
-            )
-            + f"): target {'met' if met else 'not met'}."
+            f"the chunks are unequal: under locked {heavy} computes "
+            f"{1000 * compute[heavy]:.0f} ms per step of the "
+            f"{1000 * sum(compute.values()):.0f} ms all chunks compute, so no "
+            f"schedule can beat {sum(compute.values()) / compute[heavy]:.2f}× "
+            f"here{why}."
         )
-        phases = locked["phase_seconds_per_step"]
-        compute = {
-            chunk: sum(p[q] for q in COMPUTE_PHASES) for chunk, p in phases.items()
-        }
-        if len(compute) > 1 and min(compute.values()) > 0:
-            heavy = max(compute, key=compute.get)
-            notes.append(
-                f"the chunks are unequal: under locked {heavy} computes "
-                f"{1000 * compute[heavy]:.0f} ms per step of the "
-                f"{1000 * sum(compute.values()):.0f} ms all chunks compute, so no "
-                f"schedule can beat {sum(compute.values()) / compute[heavy]:.2f}× "
-                "here (the chunk above the first reads 'hidden' inputs, not the "
-                "task's, and also computes the feedback of its input)."
+
+    own = decoupled["phase_seconds_per_step"]
+    windows = -(-result["task"]["seq_len"] // result["config"]["truncation"])
+    latency = result.get("predict_latency")
+    for chunk, seconds in ((c, p["predict"]) for c, p in own.items()):
+        if not seconds:
+            continue
+        line = (
+            f"under decoupled {chunk} waits {1000 * seconds:.1f} ms per step "
+            f"({1000 * seconds / windows:.1f} ms per window) for the "
+            "cerebellum's predictions (Predict over gRPC), against "
+            f"{1000 * compute[chunk]:.0f} ms of its own compute under locked"
+        )
+        if latency:
+            lone = latency["phases"]
+            line += (
+                "; a lone server answers the same call in "
+                f"{lone['predict']['median_ms']:.1f} ms (median; "
+                f"{lone['predict+learn']['median_ms']:.1f} ms while learning), "
+                f"of which the microzone's own compute is "
+                f"{lone['local']['median_ms']:.1f} ms"
             )
-        own = decoupled["phase_seconds_per_step"]
-        predict = {c: p["predict"] for c, p in own.items() if p["predict"] > 0}
-        for chunk, seconds in predict.items():
-            notes.append(
-                f"under decoupled {chunk} waits {1000 * seconds:.1f} ms per step for "
-                "the cerebellum's predictions (Predict over gRPC), against "
-                f"{1000 * compute[chunk]:.0f} ms of its own compute under locked."
+        notes.append(line + ".")
+
+    sends = {c: p["send"] / windows for c, p in phases.items() if p["send"]}
+    if sends:
+        line = (
+            "each send of a window's activity or feedback costs the sender "
+            + ", ".join(f"{1000 * v:.1f} ms ({c})" for c, v in sends.items())
+            + " under locked"
+        )
+        lone = result.get("send_latency")
+        if lone:
+            alone = lone["phases"]
+            line += (
+                f"; alone, the same send takes {alone['send']['median_ms']:.1f} ms "
+                f"(median) and is accepted after {alone['accepted']['median_ms']:.1f}"
+                " ms"
             )
-        inflation = [
-            sum(own[c][q] for q in COMPUTE_PHASES) / compute[c]
-            for c in compute
-            if compute[c] > 0
-        ]
-        if inflation:
-            notes.append(
-                "running side by side the chunks compute "
-                + ", ".join(f"{x:.2f}×" for x in inflation)
-                + " as long per step as they do one at a time under locked "
-                "(contention for cores and memory bandwidth)."
-            )
-        cpus = result["machine"]["cpus"]
-        busy = decoupled["machine_busy_cores"]
-        ours = sum(a.get("cpu") or 0.0 for a in decoupled["actors"].values())
-        if busy is not None:
-            notes.append(
-                f"while decoupled ran, the machine kept {busy:.2f} of its {cpus} "
-                f"cores busy: {ours:.2f} in the bench's own processes (chunks, "
-                f"cerebellum, driver), {max(0.0, busy - ours):.2f} elsewhere (Ray's "
-                "daemons, anything else running)."
-            )
+        notes.append(line + ".")
+
+    inflation = [
+        sum(own[c][q] for q in COMPUTE_PHASES) / compute[c]
+        for c in compute
+        if compute[c]
+    ]
+    if inflation:
+        notes.append(
+            "running side by side the chunks compute "
+            + ", ".join(f"{x:.2f}×" for x in inflation)
+            + " as long per step as they do one at a time under locked "
+            "(above 1: contention for cores and memory bandwidth)."
+        )
+    busy, other = decoupled["machine_busy_cores"], decoupled["other_load_cores"]
+    if busy is not None and other is not None:
+        notes.append(
+            f"while decoupled ran, the machine kept {busy:.2f} of its "
+            f"{result['machine']['cpus']} cores busy: {busy - other:.2f} in the "
+            f"bench's own processes (chunks, cerebellum, driver), {other:.2f} "
+            "elsewhere (Ray's daemons, anything else running)."
+        )
     return notes
 
 
@@ -1501,6 +1705,7 @@ _RECORD = {
             },
         },
         "machine_busy_cores": _OPTIONAL_NUMBER,
+        "other_load_cores": _OPTIONAL_NUMBER,
         "actors": {
             "type": "object",
             "required": ["chunk-0"],
@@ -1548,6 +1753,7 @@ BENCH_SCHEMA: dict[str, Any] = {
         "task",
         "machine",
         "load",
+        "placement",
         "target_loss",
         "schedules",
         "baselines",
@@ -1574,6 +1780,13 @@ BENCH_SCHEMA: dict[str, Any] = {
         },
         "machine": {"type": "object", "required": ["cpus", "gpus", "torch", "ray"]},
         "load": {"type": "object", "required": ["before", "after"]},
+        "placement": {
+            "type": "object",
+            "additionalProperties": {
+                "type": "object",
+                "required": ["gpus", "fresh", "cpus_per_actor"],
+            },
+        },
         "target_loss": _OPTIONAL_NUMBER,
         "schedules": {
             "type": "object",
@@ -1609,6 +1822,141 @@ BENCH_SCHEMA: dict[str, Any] = {
 """The JSON Schema of ``bench.json`` (tests validate every run against it)."""
 
 
+# Profile ---------------------------------------------------------------------------
+
+
+def _drain_server(address_queue, width: int) -> None:
+    """A cortex service on loopback that takes every activity as it arrives."""
+    from cortex_service.runtime import Mailbox
+    from cortex_service.servicer import CortexServicer
+    from protos import ccdni_pb2_grpc as pb_grpc
+    from protos.service import ServerSecurity, start_server
+
+    activity, feedback = Mailbox(4, "activity_in"), Mailbox(4, "feedback_in")
+    servicer = CortexServicer(1, width, width, activity, feedback)
+    server = start_server(
+        lambda s: pb_grpc.add_CortexServicer_to_server(servicer, s),
+        security=ServerSecurity(token=SEND_TOKEN),
+        service_names=["ccdni.v1.Cortex"],
+        host="127.0.0.1",
+    )
+    address_queue.put(server.address)
+    step = 0
+    while True:
+        activity.take((step, 0, 0))
+        step += 1
+
+
+SEND_TOKEN = "ccdni-bench-send-latency-token"
+
+
+def measure_send_latency(
+    bench: BenchConfig, task: TaskData, calls: int = 200
+) -> dict[str, Any]:
+    """One window's activity sent to a lone cortex service in another process.
+
+    ``send`` is what a chunk spends in its send span when the previous send has
+    long been accepted (a pause of 20 ms between sends stands for compute);
+    ``accepted`` is the full round trip until the receiver has the message.
+    """
+    import multiprocessing
+
+    import torch
+
+    from cerebellum_service.learning import ActivityKey
+    from cortex_service.servicer import GrpcNeighbour
+    from protos.service import ClientSecurity
+
+    config = bench.train_config()
+    steps = config.effective_truncation(task.seq_len)
+    context = multiprocessing.get_context("spawn")
+    addresses = context.Queue()
+    server = context.Process(
+        target=_drain_server, args=(addresses, config.hidden_size), daemon=True
+    )
+    server.start()
+    try:
+        peer = GrpcNeighbour(addresses.get(timeout=120), ClientSecurity(SEND_TOKEN))
+        activity = torch.randn(bench.batch_size, steps, config.hidden_size)
+        sends, accepts = [], []
+        for index in range(2 * calls + 20):
+            began = time.perf_counter()
+            peer.send_activity(ActivityKey(index, 0, 0, 0, ""), activity)
+            sent = time.perf_counter()
+            if index >= calls + 10:
+                peer.flush()
+                accepts.append(time.perf_counter() - began)
+            elif index >= 10:
+                sends.append(sent - began)
+                time.sleep(0.02)  # the chunk computing before its next send
+        peer.flush()
+        peer.channel.close()
+    finally:
+        server.kill()
+        server.join(timeout=10)
+    return {
+        "config": {
+            "rows": bench.batch_size,
+            "steps": steps,
+            "width": config.hidden_size,
+            "calls": calls,
+        },
+        "phases": {"send": _percentiles(sends), "accepted": _percentiles(accepts)},
+    }
+
+
+def _percentiles(samples: Sequence[float]) -> dict[str, float]:
+    ordered = sorted(1000 * s for s in samples)
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    return {
+        "median_ms": statistics.median(ordered),
+        "p90_ms": at(0.9),
+        "p99_ms": at(0.99),
+        "mean_ms": statistics.fmean(ordered),
+    }
+
+
+def measure_predict_latency(
+    bench: BenchConfig, task: TaskData, calls: int = 200
+) -> dict[str, Any]:
+    """Predict latency of a lone cerebellum server, decoupled's shapes.
+
+    Under ``decoupled`` chunk 0 asks its output microzone for the feedback of
+    ``batch × window`` rows of ``hidden`` activity each window; this times the
+    same call against a cerebellum server of its own, alone on the machine, and
+    the microzone's forward pass in this process (the compute floor).
+    """
+    config = bench.train_config()
+    rows = bench.batch_size * config.effective_truncation(task.seq_len)
+    with tempfile.TemporaryDirectory(prefix="ccdni-predict-") as scratch:
+        path = Path(scratch) / "predict.json"
+        command = [
+            sys.executable,
+            "-m",
+            "cerebellum_service.bench",
+            "--width",
+            str(config.hidden_size),
+            "--granule-width",
+            str(config.granule_width),
+            "--batch",
+            str(rows),
+            "--calls",
+            str(calls),
+            "--warmup",
+            "20",
+            "--server-torch-threads",
+            str(config.threads),
+            "--json",
+            str(path),
+        ]
+        logger.info("timing Predict alone: %s", " ".join(command[1:]))
+        subprocess.run(command, check=True, capture_output=True, timeout=900)
+        return json.loads(path.read_text())
+
+
 # The whole benchmark ---------------------------------------------------------------
 
 
@@ -1638,14 +1986,14 @@ def run_bench(
         raise ConfigError(f"--doc {doc}: no such file")
     out.mkdir(parents=True, exist_ok=True)
     load_before = load_average()
-    cpus_per_actor = prepare_ray(bench)
-    if needs_fresh(bench):
-        logger.info("the cluster cannot give every contender its GPUs at once: --fresh")
-        bench = dataclasses.replace(bench, fresh=True)
+    prepare_ray(bench)
+    placement = plan(bench)
+    logger.info("placement: %s", placement)
     started = time.perf_counter()
 
+    placements = {bench.chunks: placement}
     with tempfile.TemporaryDirectory(prefix="ccdni-bench-") as scratch:
-        runs = run_interleaved(bench, task, Path(scratch), cpus_per_actor)
+        runs = run_interleaved(bench, task, Path(scratch), placement)
         sweep_points = {bench.chunks: runs} if bench.sweep_chunks else {}
         for chunks in bench.sweep_chunks:
             if chunks in sweep_points:
@@ -1653,9 +2001,10 @@ def run_bench(
             other = dataclasses.replace(
                 bench, chunks=chunks, steps=bench.sweep_steps, sweep_chunks=()
             )
-            logger.info("sweep: %d chunks", chunks)
+            placements[chunks] = plan(other)
+            logger.info("sweep: %d chunks, %s", chunks, placements[chunks])
             sweep_points[chunks] = run_interleaved(
-                other, task, Path(scratch), cpus_per_actor, evaluate=False
+                other, task, Path(scratch), placements[chunks], evaluate=False
             )
 
     result: dict[str, Any] = {
@@ -1673,10 +2022,16 @@ def run_bench(
         },
         "machine": machine_record(),
         "load": {"before": load_before, "after": load_average()},
+        "placement": {
+            str(k): dataclasses.asdict(p) for k, p in sorted(placements.items())
+        },
         "wall_seconds": time.perf_counter() - started,
         **summarise(bench, task, runs),
         "sweep": summarise_sweep(bench, sweep_points) if sweep_points else None,
     }
+    if bench.profile:
+        result["send_latency"] = measure_send_latency(bench, task)
+        result["predict_latency"] = measure_predict_latency(bench, task)
     result["figures"] = draw_figures(result, runs, out, bench.timeline_seconds)
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "bench.md").write_text(render_markdown(result) + "\n")
@@ -1780,6 +2135,13 @@ def add_bench_parser(commands) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--timeline-seconds", type=float, help="seconds of each timeline plot"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        default=None,
+        help="also time a lone cerebellum's Predict and a lone activity send "
+        "with the run's shapes",
     )
     parser.add_argument(
         "--quick",
