@@ -22,8 +22,7 @@ import sys
 from collections.abc import Sequence
 
 from cortex_service.runtime import Mailbox
-from cortex_service.servicer import CortexServicer
-from protos import ccdni_pb2_grpc as pb_grpc
+from cortex_service.servicer import CortexServicer, add_to_server
 from protos.service import (
     add_standalone_arguments,
     message_bytes_from_args,
@@ -91,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         Mailbox(args.max_in_flight, f"chunk-{args.chunk}.feedback_in"),
     )
     server = start_server(
-        lambda grpc_server: pb_grpc.add_CortexServicer_to_server(servicer, grpc_server),
+        lambda grpc_server: add_to_server(servicer, grpc_server),
         security=security,
         service_names=[SERVICE_NAME],
         host=args.host,

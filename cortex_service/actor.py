@@ -27,8 +27,12 @@ from cerebellum_service.actor import node_address
 from cortex_service.learning import ChunkLearner
 from cortex_service.network import build_chunk
 from cortex_service.runtime import Aborted, Batch, ChunkRuntime, ChunkSpec, Mailbox
-from cortex_service.servicer import REJECTION_REASONS, CortexServicer, GrpcNeighbour
-from protos import ccdni_pb2_grpc as pb_grpc
+from cortex_service.servicer import (
+    REJECTION_REASONS,
+    CortexServicer,
+    GrpcNeighbour,
+    add_to_server,
+)
 from protos import checkpoint as ckpt
 from protos.metrics import metrics_for
 from protos.service import ClientSecurity, ServerSecurity, start_server
@@ -119,7 +123,7 @@ class ChunkActor:
         host = config.host or node_address()
         self.metrics = metrics_for(config.metrics, config.spec.run, "chunk", self.index)
         self.server = start_server(
-            lambda s: pb_grpc.add_CortexServicer_to_server(self.servicer, s),
+            lambda s: add_to_server(self.servicer, s),
             security=ServerSecurity(token=config.token),
             service_names=["ccdni.v1.Cortex"],
             host=host,

@@ -391,7 +391,7 @@ class ChunkRuntime:
                         inputs, states[micro], not self.spec.first
                     )
                 states[micro] = tuple(s.detach() for s in wp.state_end)
-                self._send_up(key, wp)
+                self._send_up(key, wp, batch.inputs[part, start:stop])
                 if self.spec.schedule == "decoupled":
                     total_loss += self._backward(
                         key, wp, batch, part, start, stop, final, unit, normaliser
@@ -411,16 +411,27 @@ class ChunkRuntime:
         loss = total_loss if self.spec.last else None
         return StepResult(step, loss, self.degraded_windows - degraded_before)
 
-    def _send_up(self, key: ActivityKey, wp: WindowPass) -> None:
+    def _send_up(
+        self, key: ActivityKey, wp: WindowPass, network_input: torch.Tensor
+    ) -> None:
         if self.spec.last:
             return
         hidden = to_host(wp.hidden.detach())
         if self.spec.forward_unlock:
             # The chunk above runs on predicted input; the real activity teaches
-            # its input microzone (a regression onto activity, not feedback).
+            # its input microzone (a regression onto activity, not feedback). The
+            # network input it is predicted from goes along, so the pair does not
+            # depend on the chunk above having asked first.
             above_key = self._key(key.batch, key.window, key.micro_batch, key.chunk + 1)
             rows = hidden.reshape(-1, hidden.shape[-1])
-            self._observe([Observation(input_zone(key.chunk + 1), above_key, rows)])
+            source = to_host(network_input).reshape(rows.shape[0], -1)
+            self._observe(
+                [
+                    Observation(
+                        input_zone(key.chunk + 1), above_key, rows, activity=source
+                    )
+                ]
+            )
         elif self.above is not None:
             with self.timeline.span("send", key.batch, key.window, key.micro_batch):
                 self.above.send_activity(key, hidden)
@@ -478,7 +489,9 @@ class ChunkRuntime:
                 if batch.context is None
                 else batch.context[part].repeat_interleave(steps, dim=0)
             )
-            queries.append(Query(output_zone(spec.index), key, hidden_rows, row_context))
+            queries.append(
+                Query(output_zone(spec.index), key, hidden_rows, row_context)
+            )
         predictions = self._predict(queries)
 
         state_feedback = None

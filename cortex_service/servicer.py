@@ -29,6 +29,7 @@ from protos.service import (
     ClientSecurity,
     Counters,
     RequestError,
+    add_servicer,
     call,
     open_channel,
     reject,
@@ -37,6 +38,7 @@ from protos.service import (
 
 logger = logging.getLogger(__name__)
 
+SERVICE = pb.DESCRIPTOR.services_by_name["Cortex"]
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 REJECTION_REASONS = (
     "shape",
@@ -55,6 +57,7 @@ REJECTION_REASONS = (
     "io",
     "corrupt",
     "no_state",
+    "unparsable",
 )
 
 CheckpointFn = Callable[[str], tuple[str, int, int]]
@@ -437,6 +440,15 @@ class CortexServicer(pb_grpc.CortexServicer):
             )
         self.reset()
         return pb.RestoreReply(path=request.path, step=step)
+
+
+def add_to_server(servicer: CortexServicer, server: grpc.Server) -> None:
+    """Register ``servicer`` on ``server``; requests are parsed by the servicer.
+
+    A request that does not parse is answered INVALID_ARGUMENT and counted as
+    ``rejected.unparsable`` (see ``protos.service.add_servicer``).
+    """
+    add_servicer(server, SERVICE, servicer, servicer.counters)
 
 
 def _check_key(key: pb.ActivityKey, what: str) -> None:

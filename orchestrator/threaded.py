@@ -20,7 +20,7 @@ from cortex_service.runtime import (
     Mailbox,
     StepResult,
 )
-from cortex_service.servicer import CortexServicer, GrpcNeighbour
+from cortex_service.servicer import CortexServicer, GrpcNeighbour, add_to_server
 from orchestrator.batches import BatchStream
 from orchestrator.config import TrainConfig
 from orchestrator.tasks.base import TaskData
@@ -154,7 +154,6 @@ def run_threaded(
 
 def _serve_chunks(chunks, boxes, token: str):
     """A cortex service per chunk on loopback, and a client for each."""
-    from protos import ccdni_pb2_grpc as pb_grpc
     from protos.service import ClientSecurity, ServerSecurity, start_server
 
     servers, neighbours = [], []
@@ -164,7 +163,7 @@ def _serve_chunks(chunks, boxes, token: str):
         )
         servers.append(
             start_server(
-                lambda s, sv=servicer: pb_grpc.add_CortexServicer_to_server(sv, s),
+                lambda s, sv=servicer: add_to_server(sv, s),
                 security=ServerSecurity(token=token),
                 service_names=["ccdni.v1.Cortex"],
             )

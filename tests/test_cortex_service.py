@@ -13,9 +13,15 @@ import torch
 from cerebellum_service.client import RemoteCerebellum
 from cerebellum_service.config import CerebellumConfig
 from cerebellum_service.learning import ActivityKey
-from cerebellum_service.servicer import CerebellumServicer, add_to_server
+from cerebellum_service.servicer import CerebellumServicer
+from cerebellum_service.servicer import add_to_server as add_cerebellum
 from cortex_service.runtime import Mailbox
-from cortex_service.servicer import CortexServicer, GrpcNeighbour, key_to_proto
+from cortex_service.servicer import (
+    CortexServicer,
+    GrpcNeighbour,
+    add_to_server,
+    key_to_proto,
+)
 from orchestrator.batches import BatchStream
 from orchestrator.config import TrainConfig
 from orchestrator.threaded import run_threaded
@@ -38,7 +44,7 @@ def chunk_server():
     feedback_in = Mailbox(4, "feedback_in")
     servicer = CortexServicer(1, INPUT, HIDDEN, activity_in, feedback_in, put_timeout=2)
     server = start_server(
-        lambda s: pb_grpc.add_CortexServicer_to_server(servicer, s),
+        lambda s: add_to_server(servicer, s),
         security=ServerSecurity(token=TOKEN),
         service_names=["ccdni.v1.Cortex"],
         max_message_bytes=LIMIT,
@@ -269,7 +275,7 @@ def test_two_chunks_and_a_remote_cerebellum_give_in_process_gradients():
     )
     trainer.cerebellum.frozen = True
     server = start_server(
-        lambda s: add_to_server(servicer, s),
+        lambda s: add_cerebellum(servicer, s),
         security=ServerSecurity(token=TOKEN),
         service_names=["ccdni.v1.Cerebellum"],
     )
