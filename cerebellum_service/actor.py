@@ -161,10 +161,9 @@ class CerebellumActor:
 
     def save_checkpoint(self, root: str, step: int) -> int:
         """Write the microzones and their optimiser for run step ``step``."""
-        current = self.servicer._current
         state = {
-            "config": current.config.to_dict(),
-            "cerebellum": current.cerebellum.state_dict(),
+            "config": self.servicer.config.to_dict(),
+            "cerebellum": self.servicer.cerebellum.state_dict(),
             "learning_step": self.servicer.step,
         }
         tic = time.perf_counter()
@@ -177,7 +176,7 @@ class CerebellumActor:
         config = CerebellumConfig.from_dict(state["config"])
         cerebellum = config.build()
         cerebellum.load_state_dict(state["cerebellum"])
-        self.servicer._install(config, cerebellum, step=int(state["learning_step"]))
+        self.servicer.install(config, cerebellum, step=int(state["learning_step"]))
         self._hook_staleness()
         return step
 

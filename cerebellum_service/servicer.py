@@ -26,13 +26,10 @@ the schema describes.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import io
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -52,6 +49,7 @@ from cerebellum_service.config import (
 from cerebellum_service.learning import ActivityKey, LocalCerebellum, Observation, Query
 from protos import ccdni_pb2 as pb
 from protos import ccdni_pb2_grpc as pb_grpc
+from protos.checkpoint import atomic_write as write_atomic
 from protos.codec import (
     SUPPORTED_DTYPES,
     CodecError,
@@ -925,36 +923,6 @@ def load_checkpoint(
         ) from error
     cerebellum.frozen = config.lesion == "olive"
     return config, cerebellum, step
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the new one.
-
-    The bytes go to a temporary file in the same directory, which is flushed to
-    disk and then renamed over ``path``; on any failure the temporary file is
-    removed and ``path`` is untouched.
-
-    Raises:
-        OSError: as raised by the file system.
-    """
-    handle, temporary = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 def read_manifest(path: str | Path) -> dict:

@@ -31,9 +31,20 @@ def step_dir(root: str | Path, step: int) -> Path:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one."""
+    """Write ``data`` to ``path`` so that readers see the old file or the new one.
+
+    The bytes go to a temporary file in the same directory, flushed to disk and
+    renamed over ``path``, and the directory is synced so the rename survives a
+    crash. On any failure the temporary file is removed and ``path`` is untouched.
+
+    Raises:
+        OSError: as raised by the file system.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    handle, temporary = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+    )
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(data)
@@ -43,6 +54,11 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def save_state(

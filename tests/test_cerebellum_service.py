@@ -11,11 +11,11 @@ import msgpack
 import pytest
 import torch
 
-from cerebellum_service import servicer as servicer_module
 from cerebellum_service.client import RemoteCerebellum
 from cerebellum_service.learning import ActivityKey, Observation, Query
 from cerebellum_service.servicer import load_checkpoint, read_manifest, save_checkpoint
 from protos import ccdni_pb2 as pb
+from protos import checkpoint as checkpoint_module
 from protos.codec import decode, encode, split_frames
 from protos.service import ClientSecurity
 from tests.service_helpers import (
@@ -603,7 +603,7 @@ def test_failed_checkpoint_write_keeps_previous_one(cerebellum, monkeypatch):
     def full_disk(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(servicer_module.os, "fsync", full_disk)
+    monkeypatch.setattr(checkpoint_module.os, "fsync", full_disk)
     with pytest.raises(grpc.RpcError) as caught:
         channel_stub.Checkpoint(pb.CheckpointRequest(path=str(path)), timeout=10)
     monkeypatch.undo()
