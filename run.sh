@@ -21,6 +21,17 @@ export RAY_USAGE_STATS_ENABLED=${RAY_USAGE_STATS_ENABLED:-0}
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 export PYTHONUNBUFFERED=1
 
+pip_install() {
+    # A registry answer cut short fails pip outright; try again before giving up.
+    local attempt
+    for attempt in 1 2 3; do
+        "$venv/bin/python" -m pip install -q --retries 5 "$@" && return 0
+        echo "run.sh: pip install failed (attempt $attempt of 3)" >&2
+        sleep $((attempt * 5))
+    done
+    return 1
+}
+
 setup() {
     if [ ! -x "$venv/bin/python" ]; then
         echo "run.sh: creating $venv with $($python --version)" >&2
@@ -30,7 +41,6 @@ setup() {
     if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
         return
     fi
-    "$py" -m pip install -q --upgrade pip
     if ! "$py" -c "import torch" 2>/dev/null; then
         # A loose torch requirement on a machine without torch pulls a CUDA build
         # of several GB. Without a GPU, install the pinned CPU build explicitly;
@@ -39,13 +49,13 @@ setup() {
         [ -n "${CCDNI_TORCH_INDEX:-}" ] && index=(--index-url "$CCDNI_TORCH_INDEX")
         if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
             echo "run.sh: GPU found, installing torch" >&2
-            "$py" -m pip install -q "${index[@]}" "torch>=2.3"
+            pip_install "${index[@]}" "torch>=2.3"
         else
             echo "run.sh: no GPU, installing the CPU build torch==2.13.0" >&2
-            "$py" -m pip install -q "${index[@]}" "torch==2.13.0"
+            pip_install "${index[@]}" "torch==2.13.0"
         fi
     fi
-    "$py" -m pip install -q -e ".[test,dev]"
+    pip_install -e ".[test,dev]"
     touch "$stamp"
 }
 
