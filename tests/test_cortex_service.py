@@ -279,7 +279,10 @@ def test_two_chunks_and_a_remote_cerebellum_give_in_process_gradients():
         security=ServerSecurity(token=TOKEN),
         service_names=["ccdni.v1.Cerebellum"],
     )
-    remote = RemoteCerebellum(server.address, ClientSecurity(token=TOKEN))
+    # A generous deadline: a loaded machine must not turn this into degraded mode.
+    remote = RemoteCerebellum(
+        server.address, ClientSecurity(token=TOKEN), deadline_s=60.0
+    )
     try:
         from tests.test_schedules import capture_gradients
 
