@@ -51,10 +51,30 @@ def mean_std(values: Sequence[float], digits: int = 3) -> str:
     return f"{statistics.fmean(values):.{digits}f} ± {std:.{digits}f}"
 
 
-def _band(ax, runs, key, colour, label, style="-"):
-    epochs, mean, std = sweep.curve_stats(runs, key)
+def _band(ax, runs, key, colour, label, style="-", log=False):
+    """Mean ± sd over runs; on a log axis, geometric mean ×/÷ geometric sd."""
+    epochs, _, _ = sweep.curve_stats(runs, key)
+    length = len(epochs)
+    values = np.array(
+        [
+            [np.nan if x.get(key) is None else x[key] for x in r["curve"][:length]]
+            for r in runs
+        ],
+        dtype=float,
+    )
+    if log:
+        logs = np.log(np.maximum(values, 1e-12))
+        centre, spread = np.nanmean(logs, 0), np.nanstd(logs, 0)
+        mean, low, high = (
+            np.exp(centre),
+            np.exp(centre - spread),
+            np.exp(centre + spread),
+        )
+    else:
+        mean, spread = np.nanmean(values, 0), np.nanstd(values, 0)
+        low, high = mean - spread, mean + spread
     ax.plot(epochs, mean, style, color=colour, label=label)
-    ax.fill_between(epochs, mean - std, mean + std, color=colour, alpha=0.15)
+    ax.fill_between(epochs, low, high, color=colour, alpha=0.15)
 
 
 # Lesions, ataxia, trajectories --------------------------------------------------------
@@ -145,6 +165,32 @@ def lesion_table(task: str, index: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def ataxia_table(task: str, index: dict[str, Any]) -> str:
+    """Dysmetria and tremor of each variant at a quarter, half and end of training."""
+    variants = lesion_variants(index)
+    epochs = [x["epoch"] for x in next(iter(variants.values()))[0]["curve"]]
+    picks = sorted({epochs[len(epochs) // 4], epochs[len(epochs) // 2], epochs[-1]})
+    seeds = len(next(iter(variants.values())))
+    head = " | ".join(f"{m} @ {e}" for m in ("dysmetria", "tremor") for e in picks)
+    lines = [
+        f"`{task}`, {seeds} seeds, validation set; mean ± sd over seeds",
+        "",
+        f"| variant | {head} |",
+        "|---|" + "---|" * (2 * len(picks)),
+    ]
+    for name, runs in variants.items():
+        cells = []
+        for key in ("dysmetria", "tremor"):
+            for epoch in picks:
+                values = [
+                    next(x[key] for x in r["curve"] if x["epoch"] == epoch)
+                    for r in runs
+                ]
+                cells.append(mean_std(values, 2 if key == "dysmetria" else 3))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_ataxia(sweeps: dict[str, dict[str, Any]], path: Path) -> Path:
     """Dysmetria and tremor over training, per task, every variant."""
     fig, panels = plt.subplots(
@@ -159,9 +205,7 @@ def plot_ataxia(sweeps: dict[str, dict[str, Any]], path: Path) -> Path:
             for col, key in enumerate(("dysmetria", "tremor")):
                 _band(panels[row, col], runs, key, colour, label, style)
         panels[row, 0].set(xlabel="epoch", ylabel="dysmetria (end-point error)")
-        panels[row, 0].set_yscale("log")
         panels[row, 1].set(xlabel="epoch", ylabel="tremor (excess jerk)")
-        panels[row, 1].set_yscale("symlog", linthresh=1e-3)
         for ax in panels[row]:
             ax.set_title(task, fontsize=9)
         panels[row, 0].legend(fontsize=7)
@@ -378,7 +422,7 @@ def plot_granule(indices: dict[str, dict[str, Any]], path: Path) -> Path:
             if not runs:
                 continue
             colour = cmap(j / max(len(values) - 1, 1))
-            _band(curves, runs, "validation_loss", colour, f"{value}")
+            _band(curves, runs, "validation_loss", colour, f"{value}", log=True)
             final = [r["summary"]["validation_loss"] for r in runs]
             finals.errorbar(
                 [j],
@@ -441,6 +485,7 @@ def draw_all(runs: Path, figures: Path) -> dict[str, str]:
         plot_trajectories(lesion_sweeps, figures / "trajectories.png")
         for task, index in lesion_sweeps.items():
             tables[f"lesions-{task}"] = lesion_table(task, index)
+            tables[f"ataxia-{task}"] = ataxia_table(task, index)
 
     granule = {
         name: sweep.load_sweep(runs / name)

@@ -53,8 +53,8 @@ if [[ $PLOT_ONLY == 0 ]]; then
   ccdni sweep --task line --truncations 1,2,5,full --models ccrnn,crnn --seeds 3 \
     --epochs 100 "${COMMON[@]}" --out "$RUNS/truncation-line"
 
-  # Lesions on digit drawing (digit-lines) at T = 2, 3 seeds.
-  ccdni sweep --task digit-lines --truncation 2 \
+  # Lesions on digit drawing (digit-lines) at T = 2, 500 images, 3 seeds.
+  ccdni sweep --task digit-lines --truncation 2 --n-train 500 \
     --lesions intact,cerebellum@12,olive@12 --models ccrnn,crnn --seeds 3 \
     --epochs 30 "${COMMON[@]}" --out "$RUNS/lesions-digit-lines"
 
