@@ -1293,6 +1293,12 @@ def describe_setup(result: dict[str, Any]) -> str:
     )
 
 
+def _probed(result: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """A profile probe's numbers, or None when it did not run or failed."""
+    probe = result.get(name)
+    return probe if probe and "phases" in probe else None
+
+
 def render_tables(result: dict[str, Any]) -> str:
     """The Markdown tables of ``bench.json``."""
     records = _records(result)
@@ -1362,7 +1368,13 @@ def render_tables(result: dict[str, Any]) -> str:
             )
             lines.append(f"| {name} | {chunk} | {cells} |")
 
-    send = result.get("send_latency")
+    for name in ("send_latency", "predict_latency"):
+        error = (result.get(name) or {}).get("error")
+        if error:
+            first = error.splitlines()[0]
+            lines += ["", f"The {name.replace('_', ' ')} probe failed: {first}"]
+
+    send = _probed(result, "send_latency")
     if send:
         shape = send["config"]
         lines += [
@@ -1381,7 +1393,7 @@ def render_tables(result: dict[str, Any]) -> str:
                 f"| {numbers['p99_ms']:.1f} | {numbers['mean_ms']:.1f} |"
             )
 
-    latency = result.get("predict_latency")
+    latency = _probed(result, "predict_latency")
     if latency:
         shape = latency["config"]
         lines += [
@@ -1534,7 +1546,7 @@ def findings(result: dict[str, Any]) -> list[str]:
 
     own = decoupled["phase_seconds_per_step"]
     windows = -(-result["task"]["seq_len"] // result["config"]["truncation"])
-    latency = result.get("predict_latency")
+    latency = _probed(result, "predict_latency")
     for chunk, seconds in ((c, p["predict"]) for c, p in own.items()):
         if not seconds:
             continue
@@ -1562,7 +1574,7 @@ def findings(result: dict[str, Any]) -> list[str]:
             + ", ".join(f"{1000 * v:.1f} ms ({c})" for c, v in sends.items())
             + " under locked"
         )
-        lone = result.get("send_latency")
+        lone = _probed(result, "send_latency")
         if lone:
             alone = lone["phases"]
             line += (
@@ -2029,17 +2041,37 @@ def run_bench(
         **summarise(bench, task, runs),
         "sweep": summarise_sweep(bench, sweep_points) if sweep_points else None,
     }
-    if bench.profile:
-        result["send_latency"] = measure_send_latency(bench, task)
-        result["predict_latency"] = measure_predict_latency(bench, task)
     result["figures"] = draw_figures(result, runs, out, bench.timeline_seconds)
+    write_results(result, out, doc)
+    if bench.profile:
+        # After the runs are safely written: a failed probe costs only itself.
+        result["send_latency"] = _probe(measure_send_latency, bench, task)
+        result["predict_latency"] = _probe(measure_predict_latency, bench, task)
+        write_results(result, out, doc)
+    logger.info("wrote %s in %.0f s", out / "bench.json", result["wall_seconds"])
+    return result
+
+
+def write_results(result: dict[str, Any], out: Path, doc: Path | None) -> None:
+    """``bench.json``, ``bench.md`` and, with ``doc``, its generated section."""
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "bench.md").write_text(render_markdown(result) + "\n")
     if doc is not None:
         prefix = os.path.relpath(out.resolve(), doc.resolve().parent) + "/"
         splice_doc(doc, render_markdown(result, figures_prefix=prefix))
-    logger.info("wrote %s in %.0f s", out / "bench.json", result["wall_seconds"])
-    return result
+
+
+def _probe(measure, bench: BenchConfig, task: TaskData) -> dict[str, Any]:
+    """Run one profile probe; a probe that fails is recorded as such, with why."""
+    try:
+        return measure(bench, task)
+    except (subprocess.SubprocessError, OSError, TimeoutError) as error:
+        detail = getattr(error, "stderr", None)
+        if isinstance(detail, bytes):
+            detail = detail.decode(errors="replace")
+        reason = f"{error}" + (f"\n{detail.strip()[-2000:]}" if detail else "")
+        logger.warning("profile probe %s failed: %s", measure.__name__, reason)
+        return {"error": reason}
 
 
 # Command line ----------------------------------------------------------------------

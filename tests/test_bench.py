@@ -218,6 +218,17 @@ def test_splice_doc_rewrites_only_between_the_markers(tmp_path):
         bench.splice_doc(doc, "x")
 
 
+def test_a_failed_profile_probe_is_recorded_not_raised():
+    import subprocess
+
+    def failing(config, task):
+        raise subprocess.CalledProcessError(1, ["probe"], stderr=b"no server")
+
+    failed = bench._probe(failing, bench.BenchConfig(), None)
+    assert "no server" in failed["error"]
+    assert bench._probed({"predict_latency": failed}, "predict_latency") is None
+
+
 def parse(*argv: str) -> bench.BenchConfig:
     parser = argparse.ArgumentParser()
     bench.add_bench_parser(parser.add_subparsers(dest="command"))
