@@ -246,9 +246,19 @@ def grouped(index: dict[str, Any]) -> dict[tuple[Any, str], list[dict[str, Any]]
     return groups
 
 
-def final_measures(summary: dict[str, Any]) -> dict[str, float]:
-    """The numbers a sweep's table reports for one run."""
+def final_measures(
+    summary: dict[str, Any], curve: list[dict[str, Any]] | None = None
+) -> dict[str, float]:
+    """The numbers a sweep's table reports for one run.
+
+    With the run's ``curve``, also the validation loss averaged over every
+    evaluation: how fast it learned, not only where it ended.
+    """
     measures = {"validation_loss": summary["validation_loss"]}
+    if curve:
+        measures["mean_validation_loss"] = statistics.fmean(
+            r["validation_loss"] for r in curve
+        )
     if summary["metric_name"] not in summary.get("ataxia", {}):
         measures["metric"] = summary["validation_metric"]
     for name, value in summary.get("ataxia", {}).items():
@@ -270,8 +280,15 @@ def write_sweep(out: Path) -> str:
     groups = grouped(index)
     first = index["runs"][0]["summary"]
     metric_name = first["metric_name"]
-    names = list(final_measures(first))
-    header = [metric_name if n == "metric" else n.replace("_", " ") for n in names]
+    names = list(final_measures(first, index["runs"][0]["curve"]))
+    labels = {
+        "validation_loss": "final val. loss",
+        "mean_validation_loss": "mean val. loss",
+    }
+    header = [
+        metric_name if n == "metric" else labels.get(n, n.replace("_", " "))
+        for n in names
+    ]
     seeds = sorted({r["seed"] for r in index["runs"]})
     lines = [
         f"task `{first['task']}`, {first['seq_len']} steps, sweep over "
@@ -282,7 +299,7 @@ def write_sweep(out: Path) -> str:
     ]
     table: dict[str, Any] = {}
     for (value, model), runs in groups.items():
-        measures = [final_measures(r["summary"]) for r in runs]
+        measures = [final_measures(r["summary"], r["curve"]) for r in runs]
         cells = [mean_std([m[n] for m in measures]) for n in names]
         lines.append(f"| {value} | {model} | {len(runs)} | " + " | ".join(cells) + " |")
         table.setdefault(str(value), {})[model] = {
@@ -295,8 +312,12 @@ def write_sweep(out: Path) -> str:
     return text
 
 
-def curve_stats(runs: list[dict[str, Any]], key: str):
-    """Epochs and the mean and deviation of ``key`` over the runs' curves."""
+def curve_stats(runs: list[dict[str, Any]], key: str, log: bool = False):
+    """Epochs and the mean and deviation of ``key`` over the runs' curves.
+
+    With ``log``, the geometric mean and the geometric deviation (a factor), for
+    plotting on a log axis.
+    """
     import numpy as np
 
     length = min(len(r["curve"]) for r in runs)
@@ -308,11 +329,21 @@ def curve_stats(runs: list[dict[str, Any]], key: str):
         ],
         dtype=float,
     )
+    if log:
+        logs = np.log(np.maximum(values, 1e-12))
+        return (
+            np.array(epochs),
+            np.exp(np.nanmean(logs, 0)),
+            np.exp(np.nanstd(logs, 0)),
+        )
     return np.array(epochs), np.nanmean(values, 0), np.nanstd(values, 0)
 
 
 def plot_sweep(index: dict[str, Any], path: Path, key: str = "validation_loss") -> Path:
-    """One panel per value (curves by model) and a last panel of final values."""
+    """One panel per value (curves by model) and a last panel of final values.
+
+    Curves are geometric means over seeds, bands ×/÷ one geometric deviation.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -324,7 +355,7 @@ def plot_sweep(index: dict[str, Any], path: Path, key: str = "validation_loss") 
     axis = AXES[index["axis"]]
     groups = grouped(index)
     values = index["values"]
-    columns = min(4, len(values) + 1)
+    columns = min(5, len(values) + 1)
     rows = -(-(len(values) + 1) // columns)
     fig, panels = plt.subplots(
         rows, columns, figsize=(3.2 * columns, 2.7 * rows), squeeze=False
@@ -336,10 +367,12 @@ def plot_sweep(index: dict[str, Any], path: Path, key: str = "validation_loss") 
             runs = groups.get((value, model))
             if not runs:
                 continue
-            epochs, mean, std = curve_stats(runs, key)
+            epochs, centre, spread = curve_stats(runs, key, log=True)
             colour = MODEL_COLOURS.get(model)
-            ax.plot(epochs, mean, color=colour, label=model)
-            ax.fill_between(epochs, mean - std, mean + std, color=colour, alpha=0.2)
+            ax.plot(epochs, centre, color=colour, label=model)
+            ax.fill_between(
+                epochs, centre / spread, centre * spread, color=colour, alpha=0.2
+            )
         title = f"{axis.label} = {value}"
         if axis.name == "truncation":
             t = seq_len if value == "full" else min(int(value), seq_len)
