@@ -2,7 +2,7 @@
 # Regenerate every number and figure of docs/BENCHMARKS.md on this machine.
 #
 #   scripts/bench.sh                 # headline configuration, the 1-4 chunk sweep and
-#                                    # the Predict-latency profile
+#                                    # the profile (Predict and send alone)
 #   scripts/bench.sh --repeats 5     # extra flags go to `ccdni bench`
 #
 # It writes docs/figures/bench/{bench.json,bench.md,*.png} and rewrites the part of
