@@ -189,34 +189,34 @@ class CortexServicer(pb_grpc.CortexServicer):
     # Streams ---------------------------------------------------------------------
 
     def PushActivity(self, request_iterator, context):  # noqa: N802 (gRPC name)
-        accepted = 0
-        try:
-            for frame, tensors in codec.decode_frames(request_iterator, "activity"):
-                key, outputs = self._check_activity(frame, tensors)
-                self._deposit(self.activity_in, self._activity_order, key, outputs)
-                self.counters.add("activity.accepted")
-                self.counters.add("bytes.received", outputs.numel() * 4)
-                accepted += 1
-        except RequestError as error:
-            reject_error(context, error, self.counters)
-        except codec.CodecError as error:
-            reject(
-                context,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                str(error),
-                self.counters,
-                "codec",
-            )
-        return pb.Ack(accepted=accepted)
+        return self._push(
+            request_iterator,
+            context,
+            "activity",
+            self._check_activity,
+            self.activity_in,
+            self._activity_order,
+        )
 
     def PushFeedback(self, request_iterator, context):  # noqa: N802
+        return self._push(
+            request_iterator,
+            context,
+            "feedback",
+            self._check_feedback,
+            self.feedback_in,
+            self._feedback_order,
+        )
+
+    def _push(self, request_iterator, context, stream, check, mailbox, order):
+        """Check each whole message of a stream, then deposit it in ``mailbox``."""
         accepted = 0
         try:
-            for frame, tensors in codec.decode_frames(request_iterator, "feedback"):
-                key, feedback = self._check_feedback(frame, tensors)
-                self._deposit(self.feedback_in, self._feedback_order, key, feedback)
-                self.counters.add("feedback.accepted")
-                self.counters.add("bytes.received", feedback.numel() * 4)
+            for frame, tensors in codec.decode_frames(request_iterator, stream):
+                key, tensor = check(frame, tensors)
+                self._deposit(mailbox, order, key, tensor)
+                self.counters.add(f"{stream}.accepted")
+                self.counters.add("bytes.received", tensor.numel() * 4)
                 accepted += 1
         except RequestError as error:
             reject_error(context, error, self.counters)

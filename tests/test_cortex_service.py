@@ -30,7 +30,13 @@ from orchestrator.zones import zone_specs
 from protos import ccdni_pb2 as pb
 from protos import ccdni_pb2_grpc as pb_grpc
 from protos.codec import encode
-from protos.service import ClientSecurity, ServerSecurity, open_channel, start_server
+from protos.service import (
+    ClientSecurity,
+    ServerSecurity,
+    open_channel,
+    start_server,
+    wait_ready,
+)
 from tests.helpers import random_task
 
 TOKEN = "cortex-test-token-0123456789"
@@ -50,6 +56,7 @@ def chunk_server():
         max_message_bytes=LIMIT,
     )
     channel = open_channel(server.address, ClientSecurity(token=TOKEN), LIMIT)
+    wait_ready(channel, timeout=60)  # connect first: a loaded machine is slow
     yield servicer, server, pb_grpc.CortexStub(channel)
     channel.close()
     server.stop(grace=1)

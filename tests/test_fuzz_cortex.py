@@ -21,7 +21,13 @@ from cortex_service.servicer import CortexServicer, add_to_server, key_to_proto
 from protos import ccdni_pb2 as pb
 from protos import ccdni_pb2_grpc as pb_grpc
 from protos.codec import encode
-from protos.service import ClientSecurity, ServerSecurity, open_channel, start_server
+from protos.service import (
+    ClientSecurity,
+    ServerSecurity,
+    open_channel,
+    start_server,
+    wait_ready,
+)
 from tests.fuzzing import (
     TENSOR_FLAWS,
     broken_part_streams,
@@ -72,6 +78,7 @@ def fuzzed():
         max_message_bytes=LIMIT,
     )
     channel = open_channel(server.address, ClientSecurity(token=TOKEN), LIMIT)
+    wait_ready(channel, timeout=60)
     stub = pb_grpc.CortexStub(channel)
     stub.channel = channel
     yield servicer, stub
