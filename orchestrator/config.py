@@ -45,13 +45,13 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
         hidden_size=50, granule_width=400, truncation=1, batch_size=50, epochs=200
     ),
     "digit-lines": dict(
-        hidden_size=64, granule_width=512, truncation=4, batch_size=50, epochs=30
+        hidden_size=64, granule_width=512, truncation=4, batch_size=50, epochs=150
     ),
     "digits": dict(
-        hidden_size=64, granule_width=512, truncation=4, batch_size=50, epochs=30
+        hidden_size=64, granule_width=512, truncation=4, batch_size=50, epochs=150
     ),
     "patterns": dict(
-        hidden_size=64, granule_width=512, truncation=4, batch_size=50, epochs=30
+        hidden_size=64, granule_width=512, truncation=4, batch_size=50, epochs=80
     ),
     "captions": dict(
         hidden_size=256,
