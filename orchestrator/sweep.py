@@ -194,10 +194,20 @@ def run_sweep(
 
 
 def _done(run_dir: Path, config: TrainConfig) -> bool:
+    """Whether ``run_dir`` already holds a finished run of ``config``.
+
+    A setting the stored run does not record (one added to TrainConfig since)
+    counts as equal when ``config`` leaves it at its default.
+    """
     path = run_dir / "summary.json"
     if not path.exists():
         return False
-    return json.loads(path.read_text()).get("config") == config.to_dict()
+    stored = json.loads(path.read_text()).get("config") or {}
+    wanted = config.to_dict()
+    defaults = TrainConfig(task=config.task).to_dict()
+    return all(
+        stored[k] == v if k in stored else v == defaults[k] for k, v in wanted.items()
+    )
 
 
 def _write_index(out, axis, values, models, seeds, runs) -> None:

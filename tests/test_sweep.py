@@ -98,6 +98,14 @@ def test_done_runs_are_not_trained_again_and_plot_only_never_trains(
     assert calls == []
     assert (out / "sweep.md").read_text() == before
 
+    # A setting that stored runs predate, left at its default, still matches.
+    summary_path = out / "inputs_per_granule-2" / "ccrnn" / "seed0" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    del summary["config"]["feedback_scale"]
+    summary_path.write_text(json.dumps(summary))
+    assert main([*args, "--out", str(out)]) == 0
+    assert calls == []
+
     # A new value trains only its own run; fan-in 2 is reused.
     assert main([*args, "--fan-ins", "2,3", "--out", str(out)]) == 0
     assert calls == [3]
