@@ -3,10 +3,11 @@
 # docs/figures/experiments/.
 #
 #   scripts/experiments.sh             train everything from scratch (about 40 min
-#                                      of CPU on 2 cores), then draw
+#                                      on an idle 2-core machine), then draw
 #   scripts/experiments.sh --plot-only redraw tables and figures from stored runs
 #   scripts/experiments.sh --plot-only line digits
-#                                      the same for some tasks only
+#                                      the same for some comparisons only (line,
+#                                      digit-lines, digit-lines-t3, digits, patterns)
 #
 # Runs go to $RUNS (default runs/experiments), one `ccdni compare` folder per
 # task. Every setting not named here is the task's default in TASK_DEFAULTS
@@ -25,21 +26,28 @@ if [[ ${1:-} == --plot-only ]]; then
 fi
 tasks=("$@")
 if [[ ${#tasks[@]} -eq 0 ]]; then
-    tasks=(line digit-lines digits patterns)
+    tasks=(line digit-lines digit-lines-t3 digits patterns)
 fi
 
+# One comparison per name: a task at its defaults, or digit-lines-t3, the
+# digit-lines task at truncation 3 (BPTT does not depend on the truncation: its
+# runs are those of digit-lines).
 compare() {
-    local task=$1
-    ccdni compare --task "$task" --models ccrnn,crnn,bptt --seeds "$SEEDS" \
-        --no-progress --out "$RUNS/$task" "${plot_only[@]}"
+    local name=$1
+    local flags=(--task "$name" --models ccrnn,crnn,bptt)
+    if [[ $name == digit-lines-t3 ]]; then
+        flags=(--task digit-lines --truncation 3 --models ccrnn,crnn)
+    fi
+    ccdni compare "${flags[@]}" --seeds "$SEEDS" --no-progress \
+        --out "$RUNS/$name" "${plot_only[@]}"
 }
 
 figures() {
     local task=$1 model
     mkdir -p "$FIGURES"
     cp "$RUNS/$task/comparison.png" "$FIGURES/$task-comparison.png"
-    if [[ $task == patterns ]]; then
-        return # classification: nothing is drawn
+    if [[ $task == patterns || $task == digit-lines-t3 ]]; then
+        return # patterns draws nothing; digit-lines-t3 is a side comparison
     fi
     for model in ccrnn crnn; do
         ccdni report "$RUNS/$task/$model/seed0" >/dev/null
