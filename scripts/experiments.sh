@@ -15,6 +15,9 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+if [[ -z ${VIRTUAL_ENV:-} && -f .venv/bin/activate ]]; then
+    . .venv/bin/activate # the project's environment, where `ccdni` is installed
+fi
 RUNS=${RUNS:-runs/experiments}
 FIGURES=docs/figures/experiments
 SEEDS=${SEEDS:-5}
