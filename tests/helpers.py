@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -105,3 +106,26 @@ class OracleCerebellum(FeedbackPredictor):
 
     def update(self) -> dict[str, float]:
         return {}
+
+
+def wait_until(
+    predicate: Callable[[], object],
+    timeout: float = 60.0,
+    what: str = "condition",
+    poll_s: float = 0.05,
+):
+    """Poll ``predicate`` until it returns something true; return that value.
+
+    For waiting on another process's state (an actor, a server), not for timing.
+
+    Raises:
+        AssertionError: nothing true within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(poll_s)

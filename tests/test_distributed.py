@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import pytest
 
@@ -14,6 +13,7 @@ from orchestrator.config import TrainConfig
 from orchestrator.tasks.registry import load_task
 from orchestrator.trainer import Trainer
 from protos import checkpoint as ckpt
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -36,14 +36,6 @@ def small_config(**changes) -> TrainConfig:
 
 def task_for(config: TrainConfig):
     return load_task(config.task, seed=config.seed, n_train=config.n_train)
-
-
-def wait_until(predicate, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)  # polling actor state, not timing the system under test
 
 
 @pytest.mark.parametrize("chunks", [2, 3])

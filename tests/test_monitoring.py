@@ -10,7 +10,6 @@ import shutil
 import socket
 import subprocess
 import threading
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -22,6 +21,7 @@ from orchestrator.cli import build_parser
 from orchestrator.cluster import Cluster, DistributedConfig
 from orchestrator.config import TrainConfig
 from orchestrator.tasks.registry import load_task
+from tests.helpers import wait_until
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 METRIC = re.compile(r"\bccdni_[a-z_]+")
@@ -34,17 +34,6 @@ def base_name(name: str) -> str:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.25)  # polling a server's state, not timing the system
 
 
 @pytest.fixture(scope="module")
