@@ -1274,7 +1274,8 @@ def describe_setup(result: dict[str, Any]) -> str:
             "validation sequences",
             f"- windows of {config['truncation']} steps, batch {config['batch_size']}, "
             f"{config['micro_batches']} micro-batches (pipelined, torch-*), "
-            f"{config['threads']} thread(s) per actor",
+            f"{config['threads']} thread(s) per actor; Prometheus /metrics "
+            + ("served by every actor" if config.get("metrics", True) else "off"),
             f"- {config['repeats']} runs of {config['steps']} steps per contender, "
             f"taken in turns after {config['warmup']} warm-up steps; evaluation "
             f"every {config['eval_every']} steps with the clock stopped",
@@ -2164,6 +2165,13 @@ def add_bench_parser(commands) -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="start each contender anew for every run instead of keeping all alive",
+    )
+    parser.add_argument(
+        "--metrics",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="serve Prometheus /metrics from every actor, as training does "
+        "(default on; --no-metrics measures what they cost)",
     )
     parser.add_argument(
         "--timeline-seconds", type=float, help="seconds of each timeline plot"
