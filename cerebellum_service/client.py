@@ -34,7 +34,12 @@ import grpc
 import msgpack
 import torch
 
-from cerebellum_service.learning import FeedbackPredictor, Observation, Query
+from cerebellum_service.learning import (
+    FeedbackPredictor,
+    Observation,
+    PendingPrediction,
+    Query,
+)
 from cerebellum_service.servicer import key_message
 from protos import ccdni_pb2 as pb
 from protos import ccdni_pb2_grpc as pb_grpc
@@ -225,13 +230,7 @@ class RemoteCerebellum(FeedbackPredictor):
         """
         if not queries:
             return []
-        request = pb.PredictRequest()
-        for query in queries:
-            msg = request.queries.add(zone=query.zone, key=key_message(query.key))
-            encode(query.activity, out=msg.activity)
-            if query.context is not None:
-                encode(query.context, out=msg.context)
-
+        request = _predict_request(queries)
         self.counters.add("predict_calls")
         try:
             reply = call(
@@ -243,21 +242,43 @@ class RemoteCerebellum(FeedbackPredictor):
                 max_backoff_s=self.max_backoff_s,
             )
         except grpc.RpcError as error:
-            if error.code() not in RETRYABLE_CODES:
-                raise _exception(error, "Predict") from error
-            self._mark_down(f"Predict: {error.code().name}: {error.details()}")
-            self.counters.add("degraded_calls")
-            with self._state_lock:
-                self._degraded_in_outage += 1
-            return [None] * len(queries)
-        self._mark_up()
+            return self._failed(error, len(queries))
+        return self._predictions(reply, len(queries))
 
-        if len(reply.predictions) != len(queries) or len(reply.available) != len(
-            queries
-        ):
+    def predict_async(self, queries: Sequence[Query]) -> PendingPrediction:
+        """Send the Predict now; ``result()`` waits for the reply.
+
+        The call is in flight while the caller computes. A first attempt that
+        fails with UNAVAILABLE or DEADLINE_EXCEEDED while the server was
+        reachable is retried in ``result()`` as :meth:`predict` retries; the
+        errors are those of :meth:`predict`, raised by ``result()``.
+        """
+        if not queries:
+            return PendingPrediction([])
+        request = _predict_request(queries)
+        self.counters.add("predict_calls")
+        down = self._down
+        future = self._stub.Predict.future(request, timeout=self.deadline_s)
+        return _PendingReply(self, future, request, len(queries), retry=not down)
+
+    def _failed(self, error: grpc.RpcError, count: int) -> list[None]:
+        """Degraded mode for a Predict that could not reach the server."""
+        if error.code() not in RETRYABLE_CODES:
+            raise _exception(error, "Predict") from error
+        self._mark_down(f"Predict: {error.code().name}: {error.details()}")
+        self.counters.add("degraded_calls")
+        with self._state_lock:
+            self._degraded_in_outage += 1
+        return [None] * count
+
+    def _predictions(
+        self, reply: pb.PredictReply, count: int
+    ) -> list[torch.Tensor | None]:
+        self._mark_up()
+        if len(reply.predictions) != count or len(reply.available) != count:
             raise RuntimeError(
                 f"Predict: reply holds {len(reply.predictions)} predictions and "
-                f"{len(reply.available)} flags for {len(queries)} queries"
+                f"{len(reply.available)} flags for {count} queries"
             )
         return [
             decode(msg, field=f"predictions[{index}]") if available else None
@@ -545,3 +566,57 @@ def _exception(error: grpc.RpcError, method: str) -> Exception:
     if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
         return ValueError(f"{method}: {code.name}: {details}")
     return RuntimeError(f"{method}: {code.name}: {details}")
+
+
+def _predict_request(queries: Sequence[Query]) -> pb.PredictRequest:
+    request = pb.PredictRequest()
+    for query in queries:
+        msg = request.queries.add(zone=query.zone, key=key_message(query.key))
+        encode(query.activity, out=msg.activity)
+        if query.context is not None:
+            encode(query.context, out=msg.context)
+    return request
+
+
+class _PendingReply(PendingPrediction):
+    """A Predict in flight (``RemoteCerebellum.predict_async``)."""
+
+    def __init__(
+        self,
+        client: RemoteCerebellum,
+        future: grpc.Future,
+        request: pb.PredictRequest,
+        count: int,
+        retry: bool,
+    ) -> None:
+        self._client = client
+        self._future = future
+        self._request = request
+        self._count = count
+        self._retry = retry
+        self._outcome: list[torch.Tensor | None] | None = None
+
+    def result(self) -> list[torch.Tensor | None]:
+        if self._outcome is not None:
+            return self._outcome
+        client = self._client
+        try:
+            reply = self._future.result()
+        except grpc.RpcError as error:
+            if not (self._retry and client.retries and error.code() in RETRYABLE_CODES):
+                self._outcome = client._failed(error, self._count)
+                return self._outcome
+            try:
+                reply = call(
+                    client._stub.Predict,
+                    self._request,
+                    deadline_s=client.deadline_s,
+                    retries=client.retries - 1,
+                    backoff_s=client.backoff_s,
+                    max_backoff_s=client.max_backoff_s,
+                )
+            except grpc.RpcError as error:
+                self._outcome = client._failed(error, self._count)
+                return self._outcome
+        self._outcome = client._predictions(reply, self._count)
+        return self._outcome

@@ -91,12 +91,30 @@ class ZoneStats:
     cosine_history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
 
 
+class PendingPrediction:
+    """Predicted feedback that has been asked for; :meth:`result` waits for it."""
+
+    def __init__(self, predictions: list[torch.Tensor | None]) -> None:
+        self._predictions = predictions
+
+    def result(self) -> list[torch.Tensor | None]:
+        return self._predictions
+
+
 class FeedbackPredictor(ABC):
     """What the cortex needs from a cerebellum, local or remote."""
 
     @abstractmethod
     def predict(self, queries: Sequence[Query]) -> list[torch.Tensor | None]:
         """Predicted feedback per query (unscaled), ``None`` where none is available."""
+
+    def predict_async(self, queries: Sequence[Query]) -> PendingPrediction:
+        """Ask now, take the answer later (``result()``) as :meth:`predict` gives it.
+
+        A remote cerebellum answers while the cortex computes something else;
+        this default, for a cerebellum in the same process, computes at once.
+        """
+        return PendingPrediction(self.predict(queries))
 
     @abstractmethod
     def observe(self, observations: Sequence[Observation]) -> None:

@@ -30,11 +30,13 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from cerebellum_service.learning import (
     ActivityKey,
     FeedbackPredictor,
     Observation,
+    PendingPrediction,
     Query,
 )
 from cortex_service.learning import ChunkLearner, WindowPass
@@ -211,6 +213,11 @@ class ChunkSpec:
         forward_unlock: chunks above the first run on predicted input.
         temporal: use state microzones at window ends (the ccRNN model).
         feedback_scale: scale of predicted feedback.
+        time_context: the microzones' context also holds each row's time step,
+            one-hot (``--time-context``).
+        look_ahead: under decoupled with one update per sequence, take a
+            window's predictions after the next window's forward pass (the
+            same arithmetic, the Predict round trip hidden behind compute).
         run: the run's id, carried in every key.
         wait_timeout: seconds to wait for a neighbour before giving up.
     """
@@ -222,6 +229,8 @@ class ChunkSpec:
     forward_unlock: bool = False
     temporal: bool = True
     feedback_scale: float = 0.1
+    time_context: bool = False
+    look_ahead: bool = True
     run: str = ""
     wait_timeout: float = 120.0
 
@@ -260,6 +269,14 @@ class Batch:
     targets: torch.Tensor  # (B, S, O) or (B, S)
     mask: torch.Tensor  # (B, S)
     context: torch.Tensor | None = None  # (B, C)
+
+
+@dataclass
+class _Asked:
+    """Queries sent to the cerebellum, and the answer to come (None: no cerebellum)."""
+
+    queries: list[Query]
+    pending: PendingPrediction | None
 
 
 @dataclass
@@ -329,13 +346,25 @@ class ChunkRuntime:
         return value.to(self.device, non_blocking=True)
 
     def _predict(self, queries: list[Query]) -> list[torch.Tensor | None]:
+        return self._take(self._ask(queries))
+
+    def _ask(self, queries: list[Query]) -> _Asked:
+        """Send the queries now; :meth:`_take` waits for the answers."""
         if self.cerebellum is None or not queries:
-            return [None] * len(queries)
-        key = queries[0].key
+            return _Asked(queries, None)
         if self.device.type != "cpu":
             queries = [_query_on_host(q) for q in queries]
+        key = queries[0].key
+        with self.timeline.span("send", key.batch, key.window, key.micro_batch):
+            pending = self.cerebellum.predict_async(queries)
+        return _Asked(queries, pending)
+
+    def _take(self, asked: _Asked) -> list[torch.Tensor | None]:
+        if asked.pending is None:
+            return [None] * len(asked.queries)
+        key = asked.queries[0].key
         with self.timeline.span("predict", key.batch, key.window, key.micro_batch):
-            predictions = self.cerebellum.predict(queries)
+            predictions = asked.pending.result()
         predictions = [
             None if p is None else p.to(self.device, non_blocking=True)
             for p in predictions
@@ -380,6 +409,23 @@ class ChunkRuntime:
         degraded_before = self.degraded_windows
         total_loss = 0.0
 
+        # Decoupled with one update per sequence: a window's predictions are asked
+        # for at the end of its forward pass and taken after the next window's
+        # forward pass, so the Predict round trip overlaps compute. The backward
+        # passes keep their order and the weights do not change in between, so
+        # the arithmetic is that of taking the answer at once. (A chunk with
+        # nothing to ask keeps its backward right after its forward.)
+        asks = self.cerebellum is not None and (
+            self.spec.temporal or not self.spec.last
+        )
+        look_ahead = (
+            self.spec.look_ahead
+            and self.spec.schedule == "decoupled"
+            and self.update == "sequence"
+            and asks
+        )
+        pending: list[tuple] = []
+
         for window, (start, stop) in enumerate(bounds):
             final = window == len(bounds) - 1
             passes = []
@@ -393,19 +439,25 @@ class ChunkRuntime:
                 states[micro] = tuple(s.detach() for s in wp.state_end)
                 self._send_up(key, wp, batch.inputs[part, start:stop])
                 if self.spec.schedule == "decoupled":
-                    total_loss += self._backward(
-                        key, wp, batch, part, start, stop, final, unit, normaliser
-                    )
+                    where = (key, wp, batch, part, start, stop, final)
+                    asked = self._ask(self._queries(*where))
+                    for earlier in pending:
+                        total_loss += self._backward(*earlier, unit, normaliser)
+                    pending = [(*where, asked)]
+                    if not look_ahead:
+                        total_loss += self._backward(*pending.pop(), unit, normaliser)
                 else:
                     passes.append((key, wp, part))
             # Locked and pipelined: backward once the chunk above has answered,
             # micro-batches in reverse order on every chunk.
             for key, wp, part in reversed(passes):
-                total_loss += self._backward(
-                    key, wp, batch, part, start, stop, final, unit, normaliser
-                )
+                where = (key, wp, batch, part, start, stop, final)
+                asked = self._ask(self._queries(*where))
+                total_loss += self._backward(*where, asked, unit, normaliser)
             if self.update == "window":
                 self._step(step, window)
+        for earlier in pending:
+            total_loss += self._backward(*earlier, unit, normaliser)
         if self.update == "sequence":
             self._step(step, len(bounds) - 1)
         loss = total_loss if self.spec.last else None
@@ -453,6 +505,51 @@ class ChunkRuntime:
             return self._wait(self.activity_in, key, "wait_input")
         return predicted.reshape(b, t, -1)
 
+    def _queries(
+        self,
+        key: ActivityKey,
+        wp: WindowPass,
+        batch: Batch,
+        part: slice,
+        start: int,
+        stop: int,
+        final: bool,
+    ) -> list[Query]:
+        """What this window asks the cerebellum: its end state, and (decoupled)
+        its outputs."""
+        spec = self.spec
+        queries = []
+        if spec.temporal and not final:
+            context = None if batch.context is None else batch.context[part]
+            if spec.time_context:
+                size = wp.hidden.shape[0]
+                ends = torch.full((size,), stop - 1, dtype=torch.long)
+                context = with_time(context, ends, self.seq_len)
+            queries.append(
+                Query(
+                    state_zone(spec.index),
+                    key,
+                    flatten_state(wp.state_end).detach(),
+                    context,
+                )
+            )
+        if spec.schedule == "decoupled" and not spec.last:
+            hidden_rows = wp.hidden.detach().reshape(-1, wp.hidden.shape[-1])
+            steps = wp.hidden.shape[1]
+            row_context = (
+                None
+                if batch.context is None
+                else batch.context[part].repeat_interleave(steps, dim=0)
+            )
+            if spec.time_context:
+                size = wp.hidden.shape[0]
+                times = torch.arange(start, stop).repeat(size)  # rows are (b, t)
+                row_context = with_time(row_context, times, self.seq_len)
+            queries.append(
+                Query(output_zone(spec.index), key, hidden_rows, row_context)
+            )
+        return queries
+
     def _backward(
         self,
         key: ActivityKey,
@@ -462,37 +559,15 @@ class ChunkRuntime:
         start: int,
         stop: int,
         final: bool,
+        asked: _Asked,
         unit: float,
         normaliser: torch.Tensor,
     ) -> float:
         spec = self.spec
         chunk = self.learner.chunk
         scale = spec.feedback_scale / unit
-
-        queries = []
-        if spec.temporal and not final:
-            context = None if batch.context is None else batch.context[part]
-            queries.append(
-                Query(
-                    state_zone(spec.index),
-                    key,
-                    flatten_state(wp.state_end).detach(),
-                    context,
-                )
-            )
         decoupled_output = spec.schedule == "decoupled" and not spec.last
-        hidden_rows = wp.hidden.detach().reshape(-1, wp.hidden.shape[-1])
-        if decoupled_output:
-            steps = wp.hidden.shape[1]
-            row_context = (
-                None
-                if batch.context is None
-                else batch.context[part].repeat_interleave(steps, dim=0)
-            )
-            queries.append(
-                Query(output_zone(spec.index), key, hidden_rows, row_context)
-            )
-        predictions = self._predict(queries)
+        predictions = self._take(asked)
 
         state_feedback = None
         if spec.temporal and not final and predictions[0] is not None:
@@ -550,6 +625,17 @@ class ChunkRuntime:
             self.learner.step()
             if self.cerebellum is not None:
                 self.cerebellum.update()
+
+
+def with_time(
+    context: torch.Tensor | None, steps: torch.Tensor, seq_len: int
+) -> torch.Tensor:
+    """``context`` (rows × C, or None) with a one-hot of each row's time step
+    appended: what ``--time-context`` gives a microzone."""
+    codes = F.one_hot(steps.cpu(), seq_len).float()
+    if context is None:
+        return codes
+    return torch.cat([context, codes.to(context.device, context.dtype)], dim=1)
 
 
 def to_host(tensor: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,12 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
         help="give microzones the target cue",
     )
     group.add_argument(
+        "--time-context",
+        action="store_true",
+        default=None,
+        help="give microzones the time step of what they predict for (one-hot)",
+    )
+    group.add_argument(
         "--feedback-scale", type=float, help="scale of predicted feedback"
     )
     group.add_argument("--clip", type=float, help="gradient-norm clip (0: none)")
@@ -174,7 +180,7 @@ def config_from_args(args: argparse.Namespace, **fixed: Any) -> TrainConfig:
     names = (
         "truncation epochs batch_size hidden_size layers_per_chunk chunks lr "
         "cerebellum_lr granule_width granule_layers inputs_per_granule context "
-        "feedback_scale clip update dropout eval_every data_dir n_train threads"
+        "time_context feedback_scale clip update dropout eval_every data_dir n_train threads"
     ).split()
     values = {name: getattr(args, name, None) for name in names}
     lesions = getattr(args, "lesion", None)

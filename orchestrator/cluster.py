@@ -29,7 +29,7 @@ from cortex_service.runtime import SCHEDULES, ChunkSpec
 from orchestrator.batches import BatchSource, BatchStream
 from orchestrator.config import ConfigError, TrainConfig
 from orchestrator.tasks.base import TaskData
-from orchestrator.zones import zone_specs
+from orchestrator.zones import context_size, zone_specs
 from protos import checkpoint as ckpt
 
 logger = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ class Cluster:
             _chunk_shapes(config, task),
             dist.schedule,
             dist.forward_unlock,
-            int(task.train.labels.max()) + 1 if config.context else 0,
+            context_size(config, int(task.train.labels.max()) + 1, task.seq_len),
         )
         self.uses_cerebellum = bool(self.zone_specs)
         self.chunks: list[Any] = []
@@ -296,6 +296,7 @@ class Cluster:
                 forward_unlock=self.dist.forward_unlock,
                 temporal=config.uses_cerebellum,
                 feedback_scale=config.feedback_scale,
+                time_context=config.time_context,
                 run=self.run_id,
                 wait_timeout=self.dist.wait_timeout,
             ),

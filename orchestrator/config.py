@@ -85,6 +85,7 @@ class TrainConfig:
     granule_layers: int = 1
     inputs_per_granule: int | None = None
     context: bool = False
+    time_context: bool = False
     feedback_scale: float = 0.1
     clip: float = 1.0  # gradient-norm clip; 0 turns it off
     update: str = "sequence"

@@ -24,7 +24,7 @@ from cortex_service.servicer import CortexServicer, GrpcNeighbour, add_to_server
 from orchestrator.batches import BatchStream
 from orchestrator.config import TrainConfig
 from orchestrator.tasks.base import TaskData
-from orchestrator.zones import build_microzones, zone_specs
+from orchestrator.zones import build_microzones, context_size, zone_specs
 
 
 @dataclass
@@ -49,6 +49,7 @@ def run_threaded(
     transport: str = "local",
     token: str = "threaded-run-token",
     cerebellum: FeedbackPredictor | None = None,
+    look_ahead: bool = True,
 ) -> ThreadedRun:
     """Train ``steps`` batches with every chunk in its own thread.
 
@@ -57,6 +58,7 @@ def run_threaded(
             cortex service per chunk on loopback and sends everything through it.
         cerebellum: use this predictor (a remote cerebellum, say) instead of
             building a local one.
+        look_ahead: ``ChunkSpec.look_ahead``.
     """
     chunks = build_chunks(
         task.input_size,
@@ -68,8 +70,13 @@ def run_threaded(
         config.seed,
     )
     n_labels = int(task.train.labels.max()) + 1
-    context_size = n_labels if config.context else 0
-    specs = zone_specs(config, chunks, schedule, forward_unlock, context_size)
+    specs = zone_specs(
+        config,
+        chunks,
+        schedule,
+        forward_unlock,
+        context_size(config, n_labels, task.seq_len),
+    )
     if cerebellum is None and specs:
         cerebellum = LocalCerebellum(build_microzones(specs), lr=config.cerebellum_lr)
     truncation = config.effective_truncation(task.seq_len)
@@ -101,6 +108,8 @@ def run_threaded(
             forward_unlock=forward_unlock,
             temporal=config.uses_cerebellum,
             feedback_scale=config.feedback_scale,
+            time_context=config.time_context,
+            look_ahead=look_ahead,
         )
         below = neighbour(index - 1) if index > 0 else None
         above = neighbour(index + 1) if index < config.chunks - 1 else None

@@ -35,12 +35,12 @@ from cortex_service.network import (
     unflatten_state,
     window_bounds,
 )
-from cortex_service.runtime import state_zone
+from cortex_service.runtime import state_zone, with_time
 from orchestrator import measures
 from orchestrator.batches import BatchStream
 from orchestrator.config import TrainConfig
 from orchestrator.tasks.base import SequenceData, TaskData, sequence_loss
-from orchestrator.zones import build_microzones, zone_specs
+from orchestrator.zones import build_microzones, context_size, zone_specs
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class Trainer:
             ChunkLearner(c, config.lr, config.clip or None) for c in self.chunks
         ]
         self.n_labels = int(task.train.labels.max()) + 1
-        self.context_size = self.n_labels if config.context else 0
+        self.context_size = context_size(config, self.n_labels, task.seq_len)
         self.cerebellum = (
             build_cerebellum(config, self.chunks, self.context_size)
             if config.uses_cerebellum
@@ -101,7 +101,8 @@ class Trainer:
     # One batch -------------------------------------------------------------------
 
     def context_for(self, batch: SequenceData) -> torch.Tensor | None:
-        if not self.context_size:
+        """The label part of the microzones' context (``--context``)."""
+        if not self.config.context:
             return None
         return F.one_hot(batch.labels, self.n_labels).float()
 
@@ -149,7 +150,7 @@ class Trainer:
                 [None] * len(self.chunks)
                 if predictor is None or final
                 else self._predict_state_feedback(
-                    predictor, passes, window, context, unit
+                    predictor, passes, window, stop, context, unit
                 )
             )
             observations = self._backward_window(
@@ -177,9 +178,14 @@ class Trainer:
         predictor: FeedbackPredictor,
         passes: list[WindowPass],
         window: int,
+        stop: int,
         context: torch.Tensor | None,
         unit: float,
     ) -> list:
+        if self.config.time_context:
+            size = passes[0].state_end[0].shape[1]
+            ends = torch.full((size,), stop - 1, dtype=torch.long)
+            context = with_time(context, ends, self.task.seq_len)
         queries = [
             Query(
                 state_zone(index),

@@ -12,6 +12,12 @@ from cortex_service.runtime import input_zone, output_zone, state_zone
 from orchestrator.config import TrainConfig
 
 
+def context_size(config: TrainConfig, n_labels: int, seq_len: int) -> int:
+    """Features of a microzone's context: the label (``--context``) and the time
+    step (``--time-context``), each one-hot."""
+    return (n_labels if config.context else 0) + (seq_len if config.time_context else 0)
+
+
 def zone_specs(
     config: TrainConfig,
     chunks: list[CorticalChunk],

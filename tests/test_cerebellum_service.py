@@ -114,6 +114,31 @@ def test_remote_cerebellum_predicts_like_local(cerebellum, reference):
         assert torch.equal(a, b)
 
 
+def test_predict_async_answers_as_predict_does(cerebellum, reference):
+    _, server, _ = cerebellum
+    _, local = reference
+    queries = [Query(ZONE, ActivityKey(i, 2), activity(20 + i)) for i in range(2)]
+
+    with RemoteCerebellum(server.address, ClientSecurity(token=TOKEN)) as remote:
+        # Two calls in flight at once, taken in the other order.
+        first, second = (
+            remote.predict_async(queries[:1]),
+            remote.predict_async(queries[1:]),
+        )
+        got = second.result() + first.result()
+        assert second.result() is second.result()  # taken once, kept
+        assert remote.predict_async([]).result() == []
+        with pytest.raises(KeyError, match="state_9"):
+            remote.predict_async(
+                [Query("state_9", ActivityKey(0, 0), activity(0))]
+            ).result()
+        assert remote.counters.get("predict_calls") == 3
+
+    want = local.predict(queries[1:]) + local.predict(queries[:1])
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_learning_moves_predictions_toward_observed_feedback(cerebellum):
     servicer, server, channel_stub = cerebellum
     x = activity(20)
@@ -666,6 +691,8 @@ def test_remote_cerebellum_degrades_and_recovers(reference, caplog):
         assert answers == [[None]] * 4
         assert remote.degraded
         assert remote.counters.get("degraded_calls") == 4
+        assert remote.predict_async(queries).result() == [None]
+        assert remote.counters.get("degraded_calls") == 5
         warnings = [r for r in caplog.records if "unreachable" in r.getMessage()]
         assert len(warnings) == 1  # one warning per outage, not per call
 

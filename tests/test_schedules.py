@@ -179,3 +179,126 @@ def test_mailbox_full_stalls_the_sender_until_read():
 def test_bad_schedule_settings_name_the_flag(kwargs, flag):
     with pytest.raises(ValueError, match=flag):
         ChunkSpec(index=0, chunks=2, **kwargs)
+
+
+def frozen_random_cerebellum(config: TrainConfig, task, schedule: str):
+    """A cerebellum that predicts something (random Purkinje weights) and never
+    learns, so its predictions do not depend on when observations arrive."""
+    from cerebellum_service.learning import LocalCerebellum
+    from cortex_service.network import build_chunks
+    from orchestrator.zones import build_microzones, context_size, zone_specs
+
+    chunks = build_chunks(
+        task.input_size, config.hidden_size, task.output_size, config.chunks
+    )
+    n_labels = int(task.train.labels.max()) + 1
+    specs = zone_specs(
+        config, chunks, schedule, False, context_size(config, n_labels, task.seq_len)
+    )
+    zones = build_microzones(specs)
+    torch.manual_seed(7)
+    for zone in zones.values():
+        torch.nn.init.normal_(zone.purkinje.weight, std=0.3)
+    cerebellum = LocalCerebellum(zones)
+    cerebellum.frozen = True
+    return cerebellum
+
+
+@pytest.mark.parametrize("model", ["crnn", "ccrnn"])
+def test_decoupled_look_ahead_keeps_the_arithmetic_and_overlaps_predict(model):
+    task = random_task(seq_len=8, n=24)
+    config = TrainConfig(
+        task="random",
+        model=model,
+        truncation=2,
+        chunks=2,
+        hidden_size=5,
+        batch_size=12,
+        granule_width=16,
+    )
+    runs, grads = {}, {}
+    for look_ahead in (True, False):
+        cerebellum = frozen_random_cerebellum(config, task, "decoupled")
+
+        def train(look_ahead=look_ahead, cerebellum=cerebellum):
+            runs[look_ahead] = run_threaded(
+                config,
+                task,
+                "decoupled",
+                3,
+                cerebellum=cerebellum,
+                look_ahead=look_ahead,
+            )
+
+        grads[look_ahead] = capture_gradients(train)
+    by_chunk = lambda grads: sorted(grads, key=lambda g: g[0].shape)  # noqa: E731
+    assert len(grads[True]) == len(grads[False]) == 2 * 3
+    for a, b in zip(by_chunk(grads[False]), by_chunk(grads[True])):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-8)
+    # Chunk 0's predictions made a difference (they are not all zero) ...
+    assert any(g.abs().sum() > 0 for g in grads[True][0])
+
+    # ... and with look-ahead it takes a window's predictions only after the next
+    # window's forward pass; without, right after its own.
+    def order(run):
+        events = run.runtimes[0].timeline.events
+        return [(phase, window) for phase, batch, window, *_ in events if batch == 0]
+
+    ahead, inline = order(runs[True]), order(runs[False])
+    assert ahead.index(("forward", 1)) < ahead.index(("predict", 0))
+    assert inline.index(("predict", 0)) < inline.index(("forward", 1))
+
+
+def test_time_context_gives_microzones_the_step_they_predict_for():
+    from orchestrator.zones import context_size
+
+    task = random_task(seq_len=6, n=20)
+    config = TrainConfig(
+        task="random",
+        model="ccrnn",
+        truncation=2,
+        chunks=2,
+        hidden_size=4,
+        batch_size=10,
+        granule_width=8,
+        time_context=True,
+    )
+    n_labels = int(task.train.labels.max()) + 1
+    assert context_size(config, n_labels, 6) == 6
+    labelled = TrainConfig(**{**config.__dict__, "context": True})
+    assert context_size(labelled, n_labels, 6) == n_labels + 6
+
+    asked = []
+    cerebellum = frozen_random_cerebellum(config, task, "decoupled")
+    original = cerebellum.predict
+
+    def predict(queries):
+        asked.extend(queries)
+        return original(queries)
+
+    cerebellum.predict = predict
+    run_threaded(config, task, "decoupled", 1, cerebellum=cerebellum)
+    for query in asked:
+        codes = query.context
+        assert codes.shape == (query.activity.shape[0], 6)
+        assert torch.equal(codes.sum(dim=1), torch.ones(codes.shape[0]))
+        steps = codes.argmax(dim=1)
+        start = 2 * query.key.window
+        if query.zone.startswith("state"):
+            # The state at a window's end: its last step.
+            assert torch.equal(steps, torch.full_like(steps, start + 1))
+        else:
+            # Chunk 0's outputs, rows (example, step): every step of the window.
+            assert torch.equal(steps, torch.arange(start, start + 2).repeat(10))
+    assert {q.zone for q in asked} == {"state_0", "state_1", "output_0"}
+
+    # The in-process trainer gives its state zones the same codes.
+    from orchestrator.trainer import Trainer
+
+    trainer = Trainer(config, task)
+    seen = []
+    inner = trainer.predictor.predict
+    trainer.predictor.predict = lambda qs: (seen.extend(qs), inner(qs))[1]
+    trainer.run_batch(BatchStream(task, 10, 0).sequences(0))
+    assert [int(q.context[0].argmax()) for q in seen[::2]] == [1, 3]
