@@ -213,6 +213,8 @@ class ChunkSpec:
         forward_unlock: chunks above the first run on predicted input.
         temporal: use state microzones at window ends (the ccRNN model).
         feedback_scale: scale of predicted feedback.
+        output_feedback_scale: scale of the feedback predicted for the chunk's
+            outputs (decoupled), ``None`` for ``feedback_scale``.
         time_context: the microzones' context also holds each row's time step,
             one-hot (``--time-context``).
         look_ahead: under decoupled with one update per sequence, take a
@@ -229,6 +231,7 @@ class ChunkSpec:
     forward_unlock: bool = False
     temporal: bool = True
     feedback_scale: float = 0.1
+    output_feedback_scale: float | None = None
     time_context: bool = False
     look_ahead: bool = True
     run: str = ""
@@ -577,7 +580,14 @@ class ChunkRuntime:
         output_feedback = None
         if decoupled_output:
             if predictions[-1] is not None:
-                output_feedback = (predictions[-1] * scale).reshape(wp.hidden.shape)
+                output_scale = (
+                    spec.feedback_scale
+                    if spec.output_feedback_scale is None
+                    else spec.output_feedback_scale
+                ) / unit
+                output_feedback = (predictions[-1] * output_scale).reshape(
+                    wp.hidden.shape
+                )
         elif not spec.last:
             output_feedback = self._wait(self.feedback_in, key, "wait_feedback")
 

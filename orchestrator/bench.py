@@ -93,6 +93,7 @@ class BenchConfig:
         schedules: contenders, in the order they take turns.
         threads: torch threads per actor or process.
         n_train: cap on training sequences (``None``: the task's own).
+        granule_width: granule cells of each microzone (``None``: the task's).
         target_loss: validation loss for time-to-target (``None``: the loss every
             run reached, see :func:`choose_target`).
         sweep_chunks: other numbers of chunks to measure throughput at.
@@ -129,6 +130,7 @@ class BenchConfig:
     schedules: tuple[str, ...] = ALL_SCHEDULES
     threads: int = 1
     n_train: int | None = None
+    granule_width: int | None = None
     target_loss: float | None = None
     sweep_chunks: tuple[int, ...] = ()
     sweep_steps: int = 20
@@ -203,6 +205,11 @@ class BenchConfig:
             threads=self.threads,
             n_train=self.n_train,
             seed=self.seed,
+            **(
+                {}
+                if self.granule_width is None
+                else {"granule_width": self.granule_width}
+            ),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -2117,6 +2124,11 @@ def add_bench_parser(commands) -> argparse.ArgumentParser:
         "--hidden", type=int, dest="hidden_size", help="LSTM units (default 256)"
     )
     parser.add_argument("--truncation", type=int, help="window length (default 7)")
+    parser.add_argument(
+        "--granule-width",
+        type=int,
+        help="granule cells per microzone (default: the task's, 512 for patterns)",
+    )
     parser.add_argument(
         "--seq-len", type=int, help="steps per sequence; only the task's own length"
     )

@@ -75,6 +75,12 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--feedback-scale", type=float, help="scale of predicted feedback"
     )
+    group.add_argument(
+        "--output-feedback-scale",
+        type=float,
+        help="scale of the feedback predicted for a chunk's outputs under "
+        "decoupled (default: --feedback-scale)",
+    )
     group.add_argument("--clip", type=float, help="gradient-norm clip (0: none)")
     group.add_argument(
         "--update", choices=UPDATES, help="update once per sequence or once per window"
@@ -180,7 +186,8 @@ def config_from_args(args: argparse.Namespace, **fixed: Any) -> TrainConfig:
     names = (
         "truncation epochs batch_size hidden_size layers_per_chunk chunks lr "
         "cerebellum_lr granule_width granule_layers inputs_per_granule context "
-        "time_context feedback_scale clip update dropout eval_every data_dir n_train threads"
+        "time_context feedback_scale output_feedback_scale clip update dropout "
+        "eval_every data_dir n_train threads"
     ).split()
     values = {name: getattr(args, name, None) for name in names}
     lesions = getattr(args, "lesion", None)

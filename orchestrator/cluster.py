@@ -296,6 +296,7 @@ class Cluster:
                 forward_unlock=self.dist.forward_unlock,
                 temporal=config.uses_cerebellum,
                 feedback_scale=config.feedback_scale,
+                output_feedback_scale=config.output_feedback_scale,
                 time_context=config.time_context,
                 run=self.run_id,
                 wait_timeout=self.dist.wait_timeout,

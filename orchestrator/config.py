@@ -87,6 +87,7 @@ class TrainConfig:
     context: bool = False
     time_context: bool = False
     feedback_scale: float = 0.1
+    output_feedback_scale: float | None = None  # None: feedback_scale
     clip: float = 1.0  # gradient-norm clip; 0 turns it off
     update: str = "sequence"
     dropout: float = 0.0
@@ -130,6 +131,11 @@ class TrainConfig:
         if self.feedback_scale < 0:
             raise ConfigError(
                 f"--feedback-scale must be non-negative, got {self.feedback_scale}"
+            )
+        if self.output_feedback_scale is not None and self.output_feedback_scale < 0:
+            raise ConfigError(
+                "--output-feedback-scale must be non-negative, got "
+                f"{self.output_feedback_scale}"
             )
         if self.clip < 0:
             raise ConfigError(

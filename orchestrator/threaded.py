@@ -108,6 +108,7 @@ def run_threaded(
             forward_unlock=forward_unlock,
             temporal=config.uses_cerebellum,
             feedback_scale=config.feedback_scale,
+            output_feedback_scale=config.output_feedback_scale,
             time_context=config.time_context,
             look_ahead=look_ahead,
         )

@@ -4,12 +4,18 @@
 # same number of examples; then a table of validation accuracy (mean ± sd) and
 # the cerebellum's relative prediction error at the start and end of each run.
 #
-#   scripts/decoupled_vs_locked.sh [OUT] [STEPS]      (default runs/dvl, 520 steps)
+#   scripts/decoupled_vs_locked.sh [OUT] [STEPS] [FLAG ...]
+#                           (default runs/dvl, 520 steps; FLAGs go to ccdni train,
+#                           for both schedules alike, e.g. --context --time-context)
 #   scripts/decoupled_vs_locked.sh OUT --table-only   (redraw from stored runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [[ -z "${VIRTUAL_ENV:-}" && -x .venv/bin/ccdni ]]; then
+    PATH="$PWD/.venv/bin:$PATH"
+fi
 out=${1:-runs/dvl}
 steps=${2:-520}
+shift $(( $# < 2 ? $# : 2 ))
 if [ "$steps" != "--table-only" ]; then
     for seed in 0 1 2 3 4; do
         for schedule in locked decoupled; do
@@ -17,7 +23,7 @@ if [ "$steps" != "--table-only" ]; then
             [ -f "$dir/summary.json" ] && continue
             ccdni train --distributed --task patterns --model ccrnn --chunks 2 \
                 --schedule "$schedule" --steps "$steps" --seed "$seed" \
-                --checkpoint-every 0 --out "$dir" --no-progress
+                --checkpoint-every 0 --out "$dir" --no-progress "$@"
         done
     done
 fi
