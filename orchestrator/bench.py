@@ -1612,7 +1612,66 @@ def findings(result: dict[str, Any]) -> list[str]:
             f"bench's own processes (chunks, cerebellum, driver), {other:.2f} "
             "elsewhere (Ray's daemons, anything else running)."
         )
+    bound = cpu_bound(result)
+    if bound is not None:
+        notes.append(
+            f"on {bound['cores']} cores the CPU is a limit of its own: decoupled's "
+            f"processes spend {bound['decoupled_ms']:.0f} ms of CPU per step "
+            f"(chunks {bound['chunks_ms']:.0f}, cerebellum "
+            f"{bound['cerebellum_ms']:.0f}, driver {bound['driver_ms']:.0f}) "
+            f"against locked's {bound['locked_ms']:.0f}, so with every core busy "
+            f"on that work it could reach at most {bound['steps_per_second']:.2f} "
+            f"steps/s, {_x(bound['speedup'])} locked; it reached "
+            f"{100 * bound['reached']:.0f} % of that. 1.6× here needs a step to "
+            f"cost at most {bound['target_ms']:.0f} ms of CPU in all, which "
+            f"would leave the cerebellum {max(0.0, bound['cerebellum_budget_ms']):.0f}"
+            f" ms of the {bound['cerebellum_ms']:.0f} it takes."
+        )
     return notes
+
+
+def cpu_bound(result: dict[str, Any]) -> dict[str, float] | None:
+    """The most steps/s ``decoupled`` could reach with every core busy on its work.
+
+    CPU seconds per step are each process's CPU (cores, per second of the
+    driver's clock) over the measured steps/s; summed over the bench's own
+    processes. Only for CPU placement (on GPUs the cores are not the limit),
+    and only where ``/proc`` gave every process's CPU.
+    """
+    schedules = result["schedules"]
+    decoupled, locked = schedules.get("decoupled"), schedules.get("locked")
+    placement = result["placement"].get(str(result["config"]["chunks"]), {})
+    if not decoupled or not locked or placement.get("gpus", False):
+        return None
+
+    def per_step(record: dict[str, Any]) -> dict[str, float] | None:
+        cpu = {name: actor.get("cpu") for name, actor in record["actors"].items()}
+        if any(v is None for v in cpu.values()) or not record["steps_per_second"]:
+            return None
+        rate = record["steps_per_second"]
+        return {name: v / rate for name, v in cpu.items()}
+
+    dec, loc = per_step(decoupled), per_step(locked)
+    if dec is None or loc is None:
+        return None
+    cores = result["machine"]["cpus"]
+    total = sum(dec.values())
+    steps = cores / total
+    target = cores / (1.6 * locked["steps_per_second"])
+    cerebellum = dec.get("cerebellum", 0.0)
+    return {
+        "cores": cores,
+        "decoupled_ms": 1000 * total,
+        "locked_ms": 1000 * sum(loc.values()),
+        "chunks_ms": 1000 * sum(v for n, v in dec.items() if n.startswith("chunk")),
+        "cerebellum_ms": 1000 * cerebellum,
+        "driver_ms": 1000 * dec.get("driver", 0.0),
+        "steps_per_second": steps,
+        "speedup": steps / locked["steps_per_second"],
+        "reached": decoupled["steps_per_second"] / steps,
+        "target_ms": 1000 * target,
+        "cerebellum_budget_ms": 1000 * (target - (total - cerebellum)),
+    }
 
 
 def render_markdown(result: dict[str, Any], figures_prefix: str = "") -> str:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Regenerate every number and figure of docs/BENCHMARKS.md on this machine.
 #
-#   scripts/bench.sh                 # headline configuration, the 1-4 chunk sweep and
-#                                    # the profile (Predict and send alone)
+#   scripts/bench.sh                 # headline configuration, the 1-4 chunk sweep,
+#                                    # the profile (Predict and send alone), and
+#                                    # locked/decoupled with 128 granule cells
 #   scripts/bench.sh --repeats 5     # extra flags go to `ccdni bench`
 #
 # It writes docs/figures/bench/{bench.json,bench.md,*.png} and rewrites the part of
@@ -35,6 +36,13 @@ started=$(date +%s)
     --profile \
     --out "$out" \
     --doc "$doc" \
+    "$@"
+# The same two ccdni schedules with a smaller cerebellum (a quarter of the granule
+# cells): how much of decoupled's shortfall is the cerebellum's CPU.
+"$ccdni" bench \
+    --schedules locked,decoupled \
+    --granule-width 128 \
+    --out "$out/granule-128" \
     "$@"
 echo "bench.sh: done in $(( $(date +%s) - started )) s;" \
     "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -141,6 +141,51 @@ def test_ideal_speedups_reduce_to_the_textbook_formulas_for_equal_chunks():
     assert ideals["decoupled"] == pytest.approx(0.9 / 0.6)
 
 
+def test_cpu_bound_counts_every_process_and_the_cerebellums_budget():
+    def record(rate, **cpu):
+        return {
+            "steps_per_second": rate,
+            "actors": {name: {"cpu": cores} for name, cores in cpu.items()},
+        }
+
+    result = {
+        "config": {"chunks": 2},
+        "placement": {"2": {"gpus": False}},
+        "machine": {"cpus": 2},
+        "schedules": {
+            # locked: 10 steps/s, 0.1 s of CPU per step.
+            "locked": record(10.0, **{"chunk-0": 0.4, "chunk-1": 0.6}),
+            # decoupled: 12 steps/s; 0.125 s of chunks, 0.0375 s of cerebellum
+            # and 0.0042 s of driver per step.
+            "decoupled": record(
+                12.0,
+                **{"chunk-0": 0.6, "chunk-1": 0.9, "cerebellum": 0.45},
+                driver=0.05,
+            ),
+        },
+    }
+    bound = bench.cpu_bound(result)
+    total = (0.6 + 0.9 + 0.45 + 0.05) / 12.0
+    assert bound["decoupled_ms"] == pytest.approx(1000 * total)
+    assert bound["locked_ms"] == pytest.approx(100.0)
+    assert bound["cerebellum_ms"] == pytest.approx(1000 * 0.45 / 12.0)
+    assert bound["steps_per_second"] == pytest.approx(2 / total)
+    assert bound["speedup"] == pytest.approx(2 / total / 10.0)
+    assert bound["reached"] == pytest.approx(12.0 / (2 / total))
+    # 1.6x locked = 16 steps/s on 2 cores: 125 ms of CPU per step in all; the
+    # chunks and driver take 129.2 ms, so nothing is left for the cerebellum.
+    assert bound["target_ms"] == pytest.approx(125.0)
+    assert bound["cerebellum_budget_ms"] == pytest.approx(
+        125.0 - 1000 * (0.6 + 0.9 + 0.05) / 12.0
+    )
+
+    # Not on GPUs, and not when a process's CPU is unknown.
+    assert bench.cpu_bound({**result, "placement": {"2": {"gpus": True}}}) is None
+    unknown = dict(result["schedules"])
+    unknown["decoupled"] = record(12.0, **{"chunk-0": None, "chunk-1": 0.9})
+    assert bench.cpu_bound({**result, "schedules": unknown}) is None
+
+
 def curve(*losses):
     return [
         {"seconds": float(i), "validation_loss": loss} for i, loss in enumerate(losses)
@@ -245,6 +290,9 @@ def test_flags_override_quick_and_quick_overrides_the_defaults():
         "decoupled",
     )
     assert parse("--sweep-chunks", "1,2,4").sweep_chunks == (1, 2, 4)
+    assert parse().metrics and not parse("--quick", "--no-metrics").metrics
+    assert parse().train_config().granule_width == 512  # the task's own
+    assert parse("--granule-width", "128").train_config().granule_width == 128
 
 
 @pytest.mark.parametrize(
