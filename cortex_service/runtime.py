@@ -217,6 +217,8 @@ class ChunkSpec:
             outputs (decoupled), ``None`` for ``feedback_scale``.
         time_context: the microzones' context also holds each row's time step,
             one-hot (``--time-context``).
+        context_zones: which microzones get the context (label and time step):
+            ``all``, ``state`` or ``output``.
         look_ahead: under decoupled with one update per sequence, take a
             window's predictions after the next window's forward pass (the
             same arithmetic, the Predict round trip hidden behind compute).
@@ -233,6 +235,7 @@ class ChunkSpec:
     feedback_scale: float = 0.1
     output_feedback_scale: float | None = None
     time_context: bool = False
+    context_zones: str = "all"
     look_ahead: bool = True
     run: str = ""
     wait_timeout: float = 120.0
@@ -522,9 +525,15 @@ class ChunkRuntime:
         its outputs."""
         spec = self.spec
         queries = []
+        state_context = spec.context_zones != "output"
+        output_context = spec.context_zones != "state"
         if spec.temporal and not final:
-            context = None if batch.context is None else batch.context[part]
-            if spec.time_context:
+            context = (
+                None
+                if batch.context is None or not state_context
+                else batch.context[part]
+            )
+            if spec.time_context and state_context:
                 size = wp.hidden.shape[0]
                 ends = torch.full((size,), stop - 1, dtype=torch.long)
                 context = with_time(context, ends, self.seq_len)
@@ -541,10 +550,10 @@ class ChunkRuntime:
             steps = wp.hidden.shape[1]
             row_context = (
                 None
-                if batch.context is None
+                if batch.context is None or not output_context
                 else batch.context[part].repeat_interleave(steps, dim=0)
             )
-            if spec.time_context:
+            if spec.time_context and output_context:
                 size = wp.hidden.shape[0]
                 times = torch.arange(start, stop).repeat(size)  # rows are (b, t)
                 row_context = with_time(row_context, times, self.seq_len)

@@ -12,6 +12,7 @@ from typing import Any
 from cortex_service.runtime import SCHEDULES
 from orchestrator.bench import add_bench_parser, run_bench_command
 from orchestrator.config import (
+    CONTEXT_ZONES,
     MODELS,
     UPDATES,
     ConfigError,
@@ -71,6 +72,13 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="give microzones the time step of what they predict for (one-hot)",
+    )
+    group.add_argument(
+        "--context-zones",
+        choices=CONTEXT_ZONES,
+        help="which microzones --context and --time-context reach: all (default), "
+        "the state zones of the temporal cut, or the output zones of the "
+        "spatial cut (decoupled)",
     )
     group.add_argument(
         "--feedback-scale", type=float, help="scale of predicted feedback"
@@ -186,8 +194,8 @@ def config_from_args(args: argparse.Namespace, **fixed: Any) -> TrainConfig:
     names = (
         "truncation epochs batch_size hidden_size layers_per_chunk chunks lr "
         "cerebellum_lr granule_width granule_layers inputs_per_granule context "
-        "time_context feedback_scale output_feedback_scale clip update dropout "
-        "eval_every data_dir n_train threads"
+        "time_context context_zones feedback_scale output_feedback_scale clip "
+        "update dropout eval_every data_dir n_train threads"
     ).split()
     values = {name: getattr(args, name, None) for name in names}
     lesions = getattr(args, "lesion", None)

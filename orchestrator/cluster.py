@@ -298,6 +298,7 @@ class Cluster:
                 feedback_scale=config.feedback_scale,
                 output_feedback_scale=config.output_feedback_scale,
                 time_context=config.time_context,
+                context_zones=config.context_zones,
                 run=self.run_id,
                 wait_timeout=self.dist.wait_timeout,
             ),

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 Model = Literal["ccrnn", "crnn", "bptt"]
 MODELS: tuple[str, ...] = ("ccrnn", "crnn", "bptt")
+CONTEXT_ZONES: tuple[str, ...] = ("all", "state", "output")
 LESIONS: tuple[str, ...] = ("cerebellum", "olive")
 UPDATES: tuple[str, ...] = ("sequence", "window")
 
@@ -86,6 +87,7 @@ class TrainConfig:
     inputs_per_granule: int | None = None
     context: bool = False
     time_context: bool = False
+    context_zones: str = "all"  # which microzones get the context
     feedback_scale: float = 0.1
     output_feedback_scale: float | None = None  # None: feedback_scale
     clip: float = 1.0  # gradient-norm clip; 0 turns it off
@@ -102,6 +104,11 @@ class TrainConfig:
         if self.model not in MODELS:
             raise ConfigError(
                 f"--model {self.model!r}: choose one of {', '.join(MODELS)}"
+            )
+        if self.context_zones not in CONTEXT_ZONES:
+            raise ConfigError(
+                f"--context-zones {self.context_zones!r}: choose one of "
+                f"{', '.join(CONTEXT_ZONES)}"
             )
         if self.update not in UPDATES:
             raise ConfigError(

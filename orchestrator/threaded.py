@@ -110,6 +110,7 @@ def run_threaded(
             feedback_scale=config.feedback_scale,
             output_feedback_scale=config.output_feedback_scale,
             time_context=config.time_context,
+            context_zones=config.context_zones,
             look_ahead=look_ahead,
         )
         below = neighbour(index - 1) if index > 0 else None

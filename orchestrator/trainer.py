@@ -101,8 +101,8 @@ class Trainer:
     # One batch -------------------------------------------------------------------
 
     def context_for(self, batch: SequenceData) -> torch.Tensor | None:
-        """The label part of the microzones' context (``--context``)."""
-        if not self.config.context:
+        """The label part of the state microzones' context (``--context``)."""
+        if not self.config.context or self.config.context_zones == "output":
             return None
         return F.one_hot(batch.labels, self.n_labels).float()
 
@@ -182,7 +182,7 @@ class Trainer:
         context: torch.Tensor | None,
         unit: float,
     ) -> list:
-        if self.config.time_context:
+        if self.config.time_context and self.config.context_zones != "output":
             size = passes[0].state_end[0].shape[1]
             ends = torch.full((size,), stop - 1, dtype=torch.long)
             context = with_time(context, ends, self.task.seq_len)

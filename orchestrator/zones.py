@@ -30,6 +30,8 @@ def zone_specs(
     State zones serve the ccRNN's temporal cut, output zones the decoupled
     schedule's spatial cut, input zones the forward unlock.
     """
+    state_context = context_size if config.context_zones != "output" else 0
+    output_context = context_size if config.context_zones != "state" else 0
     common = dict(
         granule_width=config.granule_width,
         granule_layers=config.granule_layers,
@@ -42,7 +44,7 @@ def zone_specs(
             specs[state_zone(index)] = dict(
                 in_features=chunk.state_size,
                 out_features=chunk.state_size,
-                context_size=context_size,
+                context_size=state_context,
                 seed=base_seed + 700,
                 init_seed=base_seed + 500,
                 **common,
@@ -51,7 +53,7 @@ def zone_specs(
             specs[output_zone(index)] = dict(
                 in_features=chunk.hidden_size,
                 out_features=chunk.hidden_size,
-                context_size=context_size,
+                context_size=output_context,
                 seed=base_seed + 800,
                 init_seed=base_seed + 600,
                 **common,

@@ -302,3 +302,35 @@ def test_time_context_gives_microzones_the_step_they_predict_for():
     trainer.predictor.predict = lambda qs: (seen.extend(qs), inner(qs))[1]
     trainer.run_batch(BatchStream(task, 10, 0).sequences(0))
     assert [int(q.context[0].argmax()) for q in seen[::2]] == [1, 3]
+
+
+def test_context_zones_choose_which_microzones_see_the_context():
+    from orchestrator.config import ConfigError
+
+    task = random_task(seq_len=6, n=20)
+    config = TrainConfig(
+        task="random",
+        model="ccrnn",
+        truncation=2,
+        chunks=2,
+        hidden_size=4,
+        batch_size=10,
+        granule_width=8,
+        time_context=True,
+        context_zones="output",
+    )
+    asked = []
+    cerebellum = frozen_random_cerebellum(config, task, "decoupled")
+    assert cerebellum.zones["state_0"].context_size == 0
+    assert cerebellum.zones["output_0"].context_size == 6
+    original = cerebellum.predict
+    cerebellum.predict = lambda qs: (asked.extend(qs), original(qs))[1]
+    run_threaded(config, task, "decoupled", 1, cerebellum=cerebellum)
+    contexts = {q.zone: q.context for q in asked}
+    assert contexts["state_0"] is None and contexts["state_1"] is None
+    assert contexts["output_0"].shape[1] == 6
+
+    trainer = Trainer(config, task)
+    assert all(z.context_size == 0 for z in trainer.predictor.zones.values())
+    with pytest.raises(ConfigError, match="--context-zones"):
+        TrainConfig(context_zones="granule")
