@@ -44,8 +44,10 @@ for schedule in ("locked", "decoupled"):
         log = [x for x in log if x["zones"]]
         if len(log) >= 2:
             for zone in sorted(log[-1]["zones"]):
-                a = log[0]["zones"][zone]["relative_error"]; b = log[-1]["zones"][zone]["relative_error"]
-                trends.append(f"{zone} {a:.2f}→{b:.2f}")
+                seen = [x["zones"][zone]["relative_error"] for x in log if zone in x["zones"]]
+                seen = [v for v in seen if v == v]  # the first samples precede any update
+                if seen:
+                    trends.append(f"{zone} {seen[0]:.2f}→{seen[-1]:.2f}")
     sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
     print(f"| {schedule} | {len(acc)} | {summaries[0]['steps']} | {statistics.fmean(acc):.3f} ± {sd:.3f} | "
           f"{statistics.fmean(rate):.2f} | {'; '.join(trends[:4])} |")

@@ -7,7 +7,10 @@
 #   scripts/experiments.sh --plot-only redraw tables and figures from stored runs
 #   scripts/experiments.sh --plot-only line digits
 #                                      the same for some comparisons only (line,
-#                                      digit-lines, digit-lines-t3, digits, patterns)
+#                                      digit-lines, digit-lines-t3, digits, patterns,
+#                                      and the ccRNN with --time-context:
+#                                      digit-lines-t3-time, digits-time,
+#                                      patterns-time, patterns-label-time)
 #
 # Runs go to $RUNS (default runs/experiments), one `ccdni compare` folder per
 # task. Every setting not named here is the task's default in TASK_DEFAULTS
@@ -29,7 +32,8 @@ if [[ ${1:-} == --plot-only ]]; then
 fi
 tasks=("$@")
 if [[ ${#tasks[@]} -eq 0 ]]; then
-    tasks=(line digit-lines digit-lines-t3 digits patterns)
+    tasks=(line digit-lines digit-lines-t3 digits patterns
+        digit-lines-t3-time digits-time patterns-time patterns-label-time)
 fi
 
 # One comparison per name: a task at its defaults, or digit-lines-t3, the
@@ -38,9 +42,17 @@ fi
 compare() {
     local name=$1
     local flags=(--task "$name" --models ccrnn,crnn,bptt)
-    if [[ $name == digit-lines-t3 ]]; then
-        flags=(--task digit-lines --truncation 3 --models ccrnn,crnn)
-    fi
+    case $name in
+    digit-lines-t3) flags=(--task digit-lines --truncation 3 --models ccrnn,crnn) ;;
+    # The ccRNN alone with the time step (and the label) given to its
+    # microzones; its cRNN is that of the comparison without the suffix.
+    digit-lines-t3-time)
+        flags=(--task digit-lines --truncation 3 --models ccrnn --time-context) ;;
+    digits-time) flags=(--task digits --models ccrnn --time-context) ;;
+    patterns-time) flags=(--task patterns --models ccrnn --time-context) ;;
+    patterns-label-time)
+        flags=(--task patterns --models ccrnn --context --time-context) ;;
+    esac
     ccdni compare "${flags[@]}" --seeds "$SEEDS" --no-progress \
         --out "$RUNS/$name" "${plot_only[@]}"
 }
@@ -49,8 +61,8 @@ figures() {
     local task=$1 model
     mkdir -p "$FIGURES"
     cp "$RUNS/$task/comparison.png" "$FIGURES/$task-comparison.png"
-    if [[ $task == patterns || $task == digit-lines-t3 ]]; then
-        return # patterns draws nothing; digit-lines-t3 is a side comparison
+    if [[ $task == patterns* || $task == digit-lines-t3 || $task == *-time ]]; then
+        return # patterns draws nothing; the others are side comparisons
     fi
     for model in ccrnn crnn; do
         ccdni report "$RUNS/$task/$model/seed0" >/dev/null
@@ -62,14 +74,17 @@ figures() {
 # Per-seed differences ccRNN - cRNN (same seed: same data split and cortical
 # initialisation), final epoch, for the text of EXPERIMENTS.md.
 paired() {
-    python - "$RUNS/$1/comparison.json" <<'EOF_PY'
+    local base=${1%-label-time}
+    base=${base%-time}
+    python - "$RUNS/$1/comparison.json" "$RUNS/$base/comparison.json" <<'EOF_PY'
 import json, statistics, sys
 
 record = json.load(open(sys.argv[1]))
-for key in ("validation_loss", "validation_metric", "dysmetria"):
+crnn = json.load(open(sys.argv[2]))["crnn"]
+for key in ("validation_loss", "validation_metric", "dysmetria", "tremor"):
     if key not in record["ccrnn"]:
         continue
-    diffs = [a - b for a, b in zip(record["ccrnn"][key], record["crnn"][key])]
+    diffs = [a - b for a, b in zip(record["ccrnn"][key], crnn[key])]
     text = " ".join(f"{d:+.3g}" for d in diffs)
     mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
     print(f"ccrnn - crnn {key}: {text} (mean {mean:+.3g} ± {sd:.2g})")
