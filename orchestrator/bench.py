@@ -94,6 +94,11 @@ class BenchConfig:
         threads: torch threads per actor or process.
         n_train: cap on training sequences (``None``: the task's own).
         granule_width: granule cells of each microzone (``None``: the task's).
+            128 by default: on a CPU-only machine the cerebellum's compute
+            competes with the chunks' for the cores (docs/BENCHMARKS.md).
+        output_context: decoupled's output microzone gets the label and the
+            time step (``--context --time-context --context-zones output``),
+            with which decoupled learns as well as locked (docs/DISTRIBUTED.md).
         target_loss: validation loss for time-to-target (``None``: the loss every
             run reached, see :func:`choose_target`).
         sweep_chunks: other numbers of chunks to measure throughput at.
@@ -130,7 +135,8 @@ class BenchConfig:
     schedules: tuple[str, ...] = ALL_SCHEDULES
     threads: int = 1
     n_train: int | None = None
-    granule_width: int | None = None
+    granule_width: int | None = 128
+    output_context: bool = True
     target_loss: float | None = None
     sweep_chunks: tuple[int, ...] = ()
     sweep_steps: int = 20
@@ -209,6 +215,11 @@ class BenchConfig:
                 {}
                 if self.granule_width is None
                 else {"granule_width": self.granule_width}
+            ),
+            **(
+                dict(context=True, time_context=True, context_zones="output")
+                if self.output_context
+                else {}
             ),
         )
 
@@ -1281,7 +1292,14 @@ def describe_setup(result: dict[str, Any]) -> str:
             "validation sequences",
             f"- windows of {config['truncation']} steps, batch {config['batch_size']}, "
             f"{config['micro_batches']} micro-batches (pipelined, torch-*), "
-            f"{config['threads']} thread(s) per actor; Prometheus /metrics "
+            f"{config['threads']} thread(s) per actor; decoupled's output microzone: "
+            f"{config.get('granule_width') or 'the task default'} granule cells"
+            + (
+                ", given the label and the time step"
+                if config.get("output_context")
+                else ""
+            )
+            + "; Prometheus /metrics "
             + ("served by every actor" if config.get("metrics", True) else "off"),
             f"- {config['repeats']} runs of {config['steps']} steps per contender, "
             f"taken in turns after {config['warmup']} warm-up steps; evaluation "
@@ -2186,7 +2204,14 @@ def add_bench_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument(
         "--granule-width",
         type=int,
-        help="granule cells per microzone (default: the task's, 512 for patterns)",
+        help="granule cells per microzone (default 128; the task's own is 512)",
+    )
+    parser.add_argument(
+        "--output-context",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="give decoupled's output microzone the label and the time step "
+        "(default on)",
     )
     parser.add_argument(
         "--seq-len", type=int, help="steps per sequence; only the task's own length"

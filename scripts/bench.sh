@@ -3,7 +3,7 @@
 #
 #   scripts/bench.sh                 # headline configuration, the 1-4 chunk sweep,
 #                                    # the profile (Predict and send alone), and
-#                                    # locked/decoupled with 128 granule cells
+#                                    # locked/decoupled with 512 granule cells
 #   scripts/bench.sh --repeats 5     # extra flags go to `ccdni bench`
 #
 # It writes docs/figures/bench/{bench.json,bench.md,*.png} and rewrites the part of
@@ -37,12 +37,12 @@ started=$(date +%s)
     --out "$out" \
     --doc "$doc" \
     "$@"
-# The same two ccdni schedules with a smaller cerebellum (a quarter of the granule
-# cells): how much of decoupled's shortfall is the cerebellum's CPU.
+# The same two ccdni schedules with the task's own cerebellum (four times the
+# granule cells): how much of decoupled's shortfall is the cerebellum's CPU.
 "$ccdni" bench \
     --schedules locked,decoupled \
-    --granule-width 128 \
-    --out "$out/granule-128" \
+    --granule-width 512 \
+    --out "$out/granule-512" \
     "$@"
 echo "bench.sh: done in $(( $(date +%s) - started )) s;" \
     "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"

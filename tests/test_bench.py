@@ -291,8 +291,10 @@ def test_flags_override_quick_and_quick_overrides_the_defaults():
     )
     assert parse("--sweep-chunks", "1,2,4").sweep_chunks == (1, 2, 4)
     assert parse().metrics and not parse("--quick", "--no-metrics").metrics
-    assert parse().train_config().granule_width == 512  # the task's own
-    assert parse("--granule-width", "128").train_config().granule_width == 128
+    assert parse().train_config().granule_width == 128
+    assert parse("--granule-width", "512").train_config().granule_width == 512
+    assert parse().train_config().context_zones == "output"
+    assert not parse("--no-output-context").train_config().time_context
 
 
 @pytest.mark.parametrize(
