@@ -43,7 +43,8 @@ def add_demo_parser(commands) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     # The benchmark's default network: 2 chunks of one LSTM layer of 256 units,
-    # digits read row by row, windows of 7 steps, batch 64.
+    # digits read row by row, windows of 7 steps, batch 64; its cerebellum: an
+    # output microzone of 128 granule cells given the label and the time step.
     config = for_task(
         "patterns",
         model="crnn",
@@ -51,7 +52,10 @@ def run_demo(args: argparse.Namespace) -> int:
         hidden_size=256,
         batch_size=64,
         truncation=7,
-        granule_width=256,
+        granule_width=128,
+        context=True,
+        time_context=True,
+        context_zones="output",
     )
     task = load_task(config.task, seed=config.seed)
     summaries = {}
