@@ -250,11 +250,8 @@ def test_decoupled_look_ahead_keeps_the_arithmetic_and_overlaps_predict(model):
     assert inline.index(("predict", 0)) < inline.index(("forward", 1))
 
 
-def test_time_context_gives_microzones_the_step_they_predict_for():
-    from orchestrator.zones import context_size
-
-    task = random_task(seq_len=6, n=20)
-    config = TrainConfig(
+def tiny_ccrnn(**changes) -> TrainConfig:
+    return TrainConfig(
         task="random",
         model="ccrnn",
         truncation=2,
@@ -262,15 +259,13 @@ def test_time_context_gives_microzones_the_step_they_predict_for():
         hidden_size=4,
         batch_size=10,
         granule_width=8,
-        time_context=True,
+        **changes,
     )
-    n_labels = int(task.train.labels.max()) + 1
-    assert context_size(config, n_labels, 6) == 6
-    labelled = TrainConfig(**{**config.__dict__, "context": True})
-    assert context_size(labelled, n_labels, 6) == n_labels + 6
 
+
+def recording(cerebellum) -> list:
+    """The queries ``cerebellum`` is asked from now on, as a list that grows."""
     asked = []
-    cerebellum = frozen_random_cerebellum(config, task, "decoupled")
     original = cerebellum.predict
 
     def predict(queries):
@@ -278,6 +273,21 @@ def test_time_context_gives_microzones_the_step_they_predict_for():
         return original(queries)
 
     cerebellum.predict = predict
+    return asked
+
+
+def test_time_context_gives_microzones_the_step_they_predict_for():
+    from orchestrator.zones import context_size
+
+    task = random_task(seq_len=6, n=20)
+    config = tiny_ccrnn(time_context=True)
+    n_labels = int(task.train.labels.max()) + 1
+    assert context_size(config, n_labels, 6) == 6
+    labelled = TrainConfig(**{**config.__dict__, "context": True})
+    assert context_size(labelled, n_labels, 6) == n_labels + 6
+
+    cerebellum = frozen_random_cerebellum(config, task, "decoupled")
+    asked = recording(cerebellum)
     run_threaded(config, task, "decoupled", 1, cerebellum=cerebellum)
     for query in asked:
         codes = query.context
@@ -297,9 +307,7 @@ def test_time_context_gives_microzones_the_step_they_predict_for():
     from orchestrator.trainer import Trainer
 
     trainer = Trainer(config, task)
-    seen = []
-    inner = trainer.predictor.predict
-    trainer.predictor.predict = lambda qs: (seen.extend(qs), inner(qs))[1]
+    seen = recording(trainer.predictor)
     trainer.run_batch(BatchStream(task, 10, 0).sequences(0))
     assert [int(q.context[0].argmax()) for q in seen[::2]] == [1, 3]
 
@@ -308,23 +316,11 @@ def test_context_zones_choose_which_microzones_see_the_context():
     from orchestrator.config import ConfigError
 
     task = random_task(seq_len=6, n=20)
-    config = TrainConfig(
-        task="random",
-        model="ccrnn",
-        truncation=2,
-        chunks=2,
-        hidden_size=4,
-        batch_size=10,
-        granule_width=8,
-        time_context=True,
-        context_zones="output",
-    )
-    asked = []
+    config = tiny_ccrnn(time_context=True, context_zones="output")
     cerebellum = frozen_random_cerebellum(config, task, "decoupled")
     assert cerebellum.zones["state_0"].context_size == 0
     assert cerebellum.zones["output_0"].context_size == 6
-    original = cerebellum.predict
-    cerebellum.predict = lambda qs: (asked.extend(qs), original(qs))[1]
+    asked = recording(cerebellum)
     run_threaded(config, task, "decoupled", 1, cerebellum=cerebellum)
     contexts = {q.zone: q.context for q in asked}
     assert contexts["state_0"] is None and contexts["state_1"] is None
