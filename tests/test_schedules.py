@@ -99,6 +99,13 @@ def test_decoupled_learns_and_its_cerebellum_predicts_observed_feedback():
         batch_size=50,
         granule_width=128,
         lr=3e-3,
+        # The settings under which the output zone can predict the spatial cut's
+        # feedback (docs/DISTRIBUTED.md); without them it predicts about the mean
+        # and its cosine hovers near zero, above or below depending on how the
+        # two chunk threads happen to batch its updates.
+        context=True,
+        time_context=True,
+        context_zones="output",
     )
     run = run_threaded(config, task, "decoupled", 100)
     losses = run.losses
@@ -107,7 +114,7 @@ def test_decoupled_learns_and_its_cerebellum_predicts_observed_feedback():
     assert stats.updates >= 90
     # Predicted and observed feedback of chunk 0's output point the same way.
     late = list(stats.cosine_history)[-40:]
-    assert sum(late) / len(late) > 0.05
+    assert sum(late) / len(late) > 0.15
 
 
 def test_decoupled_chunk_zero_never_waits_for_feedback():
