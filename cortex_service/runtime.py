@@ -259,6 +259,13 @@ class ChunkSpec:
             raise ValueError("--forward-unlock needs --schedule decoupled")
 
     @property
+    def output_scale(self) -> float:
+        """The scale of feedback predicted for the outputs (spatial cut)."""
+        if self.output_feedback_scale is None:
+            return self.feedback_scale
+        return self.output_feedback_scale
+
+    @property
     def first(self) -> bool:
         return self.index == 0
 
@@ -283,6 +290,19 @@ class _Asked:
 
     queries: list[Query]
     pending: PendingPrediction | None
+
+
+@dataclass
+class _Window:
+    """One micro-batch's pass over one window, from its forward to its backward."""
+
+    key: ActivityKey
+    wp: WindowPass
+    part: slice  # the micro-batch's rows of the batch
+    start: int
+    stop: int
+    final: bool  # the sequence's last window
+    asked: _Asked | None = None  # set once its queries are sent
 
 
 @dataclass
@@ -430,7 +450,7 @@ class ChunkRuntime:
             and self.update == "sequence"
             and asks
         )
-        pending: list[tuple] = []
+        pending: _Window | None = None  # decoupled: its backward is still to come
 
         for window, (start, stop) in enumerate(bounds):
             final = window == len(bounds) - 1
@@ -444,26 +464,26 @@ class ChunkRuntime:
                     )
                 states[micro] = tuple(s.detach() for s in wp.state_end)
                 self._send_up(key, wp, batch.inputs[part, start:stop])
-                if self.spec.schedule == "decoupled":
-                    where = (key, wp, batch, part, start, stop, final)
-                    asked = self._ask(self._queries(*where))
-                    for earlier in pending:
-                        total_loss += self._backward(*earlier, unit, normaliser)
-                    pending = [(*where, asked)]
-                    if not look_ahead:
-                        total_loss += self._backward(*pending.pop(), unit, normaliser)
-                else:
-                    passes.append((key, wp, part))
+                done = _Window(key, wp, part, start, stop, final)
+                if self.spec.schedule != "decoupled":
+                    passes.append(done)
+                    continue
+                done.asked = self._ask(self._queries(done, batch))
+                if pending is not None:
+                    total_loss += self._backward(pending, batch, unit, normaliser)
+                pending = done
+                if not look_ahead:
+                    total_loss += self._backward(pending, batch, unit, normaliser)
+                    pending = None
             # Locked and pipelined: backward once the chunk above has answered,
             # micro-batches in reverse order on every chunk.
-            for key, wp, part in reversed(passes):
-                where = (key, wp, batch, part, start, stop, final)
-                asked = self._ask(self._queries(*where))
-                total_loss += self._backward(*where, asked, unit, normaliser)
+            for done in reversed(passes):
+                done.asked = self._ask(self._queries(done, batch))
+                total_loss += self._backward(done, batch, unit, normaliser)
             if self.update == "window":
                 self._step(step, window)
-        for earlier in pending:
-            total_loss += self._backward(*earlier, unit, normaliser)
+        if pending is not None:
+            total_loss += self._backward(pending, batch, unit, normaliser)
         if self.update == "sequence":
             self._step(step, len(bounds) - 1)
         loss = total_loss if self.spec.last else None
@@ -511,32 +531,22 @@ class ChunkRuntime:
             return self._wait(self.activity_in, key, "wait_input")
         return predicted.reshape(b, t, -1)
 
-    def _queries(
-        self,
-        key: ActivityKey,
-        wp: WindowPass,
-        batch: Batch,
-        part: slice,
-        start: int,
-        stop: int,
-        final: bool,
-    ) -> list[Query]:
+    def _queries(self, done: _Window, batch: Batch) -> list[Query]:
         """What this window asks the cerebellum: its end state, and (decoupled)
         its outputs."""
+        key, wp, part, start, stop = done.key, done.wp, done.part, done.start, done.stop
         spec = self.spec
         queries = []
         state_context = spec.context_zones != "output"
         output_context = spec.context_zones != "state"
-        if spec.temporal and not final:
+        if spec.temporal and not done.final:
             context = (
                 None
                 if batch.context is None or not state_context
                 else batch.context[part]
             )
             if spec.time_context and state_context:
-                size = wp.hidden.shape[0]
-                ends = torch.full((size,), stop - 1, dtype=torch.long)
-                context = with_time(context, ends, self.seq_len)
+                context = at_window_end(context, wp.hidden.shape[0], stop, self.seq_len)
             queries.append(
                 Query(
                     state_zone(spec.index),
@@ -563,23 +573,15 @@ class ChunkRuntime:
         return queries
 
     def _backward(
-        self,
-        key: ActivityKey,
-        wp: WindowPass,
-        batch: Batch,
-        part: slice,
-        start: int,
-        stop: int,
-        final: bool,
-        asked: _Asked,
-        unit: float,
-        normaliser: torch.Tensor,
+        self, done: _Window, batch: Batch, unit: float, normaliser: torch.Tensor
     ) -> float:
+        key, wp, part, start, stop = done.key, done.wp, done.part, done.start, done.stop
+        final = done.final
         spec = self.spec
         chunk = self.learner.chunk
         scale = spec.feedback_scale / unit
         decoupled_output = spec.schedule == "decoupled" and not spec.last
-        predictions = self._take(asked)
+        predictions = self._take(done.asked)
 
         state_feedback = None
         if spec.temporal and not final and predictions[0] is not None:
@@ -589,11 +591,7 @@ class ChunkRuntime:
         output_feedback = None
         if decoupled_output:
             if predictions[-1] is not None:
-                output_scale = (
-                    spec.feedback_scale
-                    if spec.output_feedback_scale is None
-                    else spec.output_feedback_scale
-                ) / unit
+                output_scale = spec.output_scale / unit
                 output_feedback = (predictions[-1] * output_scale).reshape(
                     wp.hidden.shape
                 )
@@ -655,6 +653,14 @@ def with_time(
     if context is None:
         return codes
     return torch.cat([context, codes.to(context.device, context.dtype)], dim=1)
+
+
+def at_window_end(
+    context: torch.Tensor | None, rows: int, stop: int, seq_len: int
+) -> torch.Tensor:
+    """:func:`with_time` for the state at the end of a window ending at ``stop``."""
+    ends = torch.full((rows,), stop - 1, dtype=torch.long)
+    return with_time(context, ends, seq_len)
 
 
 def to_host(tensor: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ from cortex_service.network import (
     unflatten_state,
     window_bounds,
 )
-from cortex_service.runtime import state_zone, with_time
+from cortex_service.runtime import at_window_end, state_zone
 from orchestrator import measures
 from orchestrator.batches import BatchStream
 from orchestrator.config import TrainConfig
@@ -184,8 +184,7 @@ class Trainer:
     ) -> list:
         if self.config.time_context and self.config.context_zones != "output":
             size = passes[0].state_end[0].shape[1]
-            ends = torch.full((size,), stop - 1, dtype=torch.long)
-            context = with_time(context, ends, self.task.seq_len)
+            context = at_window_end(context, size, stop, self.task.seq_len)
         queries = [
             Query(
                 state_zone(index),
