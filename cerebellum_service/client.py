@@ -232,18 +232,8 @@ class RemoteCerebellum(FeedbackPredictor):
             return []
         request = _predict_request(queries)
         self.counters.add("predict_calls")
-        try:
-            reply = call(
-                self._stub.Predict,
-                request,
-                deadline_s=self.deadline_s,
-                retries=0 if self._down else self.retries,
-                backoff_s=self.backoff_s,
-                max_backoff_s=self.max_backoff_s,
-            )
-        except grpc.RpcError as error:
-            return self._failed(error, len(queries))
-        return self._predictions(reply, len(queries))
+        retries = 0 if self._down else self.retries
+        return self._call_predict(request, len(queries), retries)
 
     def predict_async(self, queries: Sequence[Query]) -> PendingPrediction:
         """Send the Predict now; ``result()`` waits for the reply.
@@ -260,6 +250,23 @@ class RemoteCerebellum(FeedbackPredictor):
         down = self._down
         future = self._stub.Predict.future(request, timeout=self.deadline_s)
         return _PendingReply(self, future, request, len(queries), retry=not down)
+
+    def _call_predict(
+        self, request: pb.PredictRequest, count: int, retries: int
+    ) -> list[torch.Tensor | None]:
+        """Predict with ``retries``; the predictions, or degraded mode."""
+        try:
+            reply = call(
+                self._stub.Predict,
+                request,
+                deadline_s=self.deadline_s,
+                retries=retries,
+                backoff_s=self.backoff_s,
+                max_backoff_s=self.max_backoff_s,
+            )
+        except grpc.RpcError as error:
+            return self._failed(error, count)
+        return self._predictions(reply, count)
 
     def _failed(self, error: grpc.RpcError, count: int) -> list[None]:
         """Degraded mode for a Predict that could not reach the server."""
@@ -601,22 +608,13 @@ class _PendingReply(PendingPrediction):
             return self._outcome
         client = self._client
         try:
-            reply = self._future.result()
+            self._outcome = client._predictions(self._future.result(), self._count)
         except grpc.RpcError as error:
-            if not (self._retry and client.retries and error.code() in RETRYABLE_CODES):
-                self._outcome = client._failed(error, self._count)
-                return self._outcome
-            try:
-                reply = call(
-                    client._stub.Predict,
-                    self._request,
-                    deadline_s=client.deadline_s,
-                    retries=client.retries - 1,
-                    backoff_s=client.backoff_s,
-                    max_backoff_s=client.max_backoff_s,
+            if self._retry and client.retries and error.code() in RETRYABLE_CODES:
+                # The first attempt was the future; the rest as predict makes them.
+                self._outcome = client._call_predict(
+                    self._request, self._count, client.retries - 1
                 )
-            except grpc.RpcError as error:
+            else:
                 self._outcome = client._failed(error, self._count)
-                return self._outcome
-        self._outcome = client._predictions(reply, self._count)
         return self._outcome
