@@ -54,7 +54,13 @@ from typing import Any, Protocol
 
 from cortex_service.runtime import SCHEDULES
 from orchestrator.baselines.torch_pipeline import SCHEDULES as TORCH_SCHEDULES
-from orchestrator.config import MODELS, ConfigError, TrainConfig, for_task
+from orchestrator.config import (
+    MODELS,
+    OUTPUT_CONTEXT,
+    ConfigError,
+    TrainConfig,
+    for_task,
+)
 from orchestrator.tasks.base import TaskData
 
 logger = logging.getLogger(__name__)
@@ -216,11 +222,7 @@ class BenchConfig:
                 if self.granule_width is None
                 else {"granule_width": self.granule_width}
             ),
-            **(
-                dict(context=True, time_context=True, context_zones="output")
-                if self.output_context
-                else {}
-            ),
+            **(OUTPUT_CONTEXT if self.output_context else {}),
         )
 
     def to_dict(self) -> dict[str, Any]:

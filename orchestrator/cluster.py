@@ -29,7 +29,7 @@ from cortex_service.runtime import SCHEDULES, ChunkSpec
 from orchestrator.batches import BatchSource, BatchStream
 from orchestrator.config import ConfigError, TrainConfig
 from orchestrator.tasks.base import TaskData
-from orchestrator.zones import context_size, zone_specs
+from orchestrator.zones import cerebellum_settings, context_size, zone_specs
 from protos import checkpoint as ckpt
 
 logger = logging.getLogger(__name__)
@@ -294,11 +294,7 @@ class Cluster:
                 schedule=self.dist.schedule,
                 micro_batches=self.dist.micro_batches,
                 forward_unlock=self.dist.forward_unlock,
-                temporal=config.uses_cerebellum,
-                feedback_scale=config.feedback_scale,
-                output_feedback_scale=config.output_feedback_scale,
-                time_context=config.time_context,
-                context_zones=config.context_zones,
+                **cerebellum_settings(config),
                 run=self.run_id,
                 wait_timeout=self.dist.wait_timeout,
             ),

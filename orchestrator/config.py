@@ -13,6 +13,12 @@ from typing import Any, Literal
 Model = Literal["ccrnn", "crnn", "bptt"]
 MODELS: tuple[str, ...] = ("ccrnn", "crnn", "bptt")
 CONTEXT_ZONES: tuple[str, ...] = ("all", "state", "output")
+# The settings under which decoupled's output microzone can predict the spatial
+# cut's feedback: the label and the time step, for output zones only
+# (docs/DISTRIBUTED.md). The bench and the demo train with them.
+OUTPUT_CONTEXT: dict[str, Any] = dict(
+    context=True, time_context=True, context_zones="output"
+)
 LESIONS: tuple[str, ...] = ("cerebellum", "olive")
 UPDATES: tuple[str, ...] = ("sequence", "window")
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from orchestrator.cluster import DistributedConfig, train_distributed
-from orchestrator.config import for_task
+from orchestrator.config import OUTPUT_CONTEXT, for_task
 from orchestrator.tasks.registry import load_task
 
 logger = logging.getLogger(__name__)
@@ -53,9 +53,7 @@ def run_demo(args: argparse.Namespace) -> int:
         batch_size=64,
         truncation=7,
         granule_width=128,
-        context=True,
-        time_context=True,
-        context_zones="output",
+        **OUTPUT_CONTEXT,
     )
     task = load_task(config.task, seed=config.seed)
     summaries = {}

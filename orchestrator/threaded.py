@@ -24,7 +24,12 @@ from cortex_service.servicer import CortexServicer, GrpcNeighbour, add_to_server
 from orchestrator.batches import BatchStream
 from orchestrator.config import TrainConfig
 from orchestrator.tasks.base import TaskData
-from orchestrator.zones import build_microzones, context_size, zone_specs
+from orchestrator.zones import (
+    build_microzones,
+    cerebellum_settings,
+    context_size,
+    zone_specs,
+)
 
 
 @dataclass
@@ -106,11 +111,7 @@ def run_threaded(
             schedule=schedule,
             micro_batches=micro_batches,
             forward_unlock=forward_unlock,
-            temporal=config.uses_cerebellum,
-            feedback_scale=config.feedback_scale,
-            output_feedback_scale=config.output_feedback_scale,
-            time_context=config.time_context,
-            context_zones=config.context_zones,
+            **cerebellum_settings(config),
             look_ahead=look_ahead,
         )
         below = neighbour(index - 1) if index > 0 else None

@@ -18,6 +18,17 @@ def context_size(config: TrainConfig, n_labels: int, seq_len: int) -> int:
     return (n_labels if config.context else 0) + (seq_len if config.time_context else 0)
 
 
+def cerebellum_settings(config: TrainConfig) -> dict[str, Any]:
+    """The ``ChunkSpec`` fields a chunk takes from the run's cerebellum settings."""
+    return dict(
+        temporal=config.uses_cerebellum,
+        feedback_scale=config.feedback_scale,
+        output_feedback_scale=config.output_feedback_scale,
+        time_context=config.time_context,
+        context_zones=config.context_zones,
+    )
+
+
 def zone_specs(
     config: TrainConfig,
     chunks: list[CorticalChunk],

@@ -10,7 +10,7 @@ import torch
 
 from cortex_service.runtime import ChunkSpec, Mailbox
 from orchestrator.batches import BatchStream
-from orchestrator.config import TrainConfig
+from orchestrator.config import OUTPUT_CONTEXT, TrainConfig
 from orchestrator.tasks.registry import load_task
 from orchestrator.threaded import run_threaded
 from orchestrator.trainer import Trainer
@@ -99,13 +99,10 @@ def test_decoupled_learns_and_its_cerebellum_predicts_observed_feedback():
         batch_size=50,
         granule_width=128,
         lr=3e-3,
-        # The settings under which the output zone can predict the spatial cut's
-        # feedback (docs/DISTRIBUTED.md); without them it predicts about the mean
-        # and its cosine hovers near zero, above or below depending on how the
-        # two chunk threads happen to batch its updates.
-        context=True,
-        time_context=True,
-        context_zones="output",
+        # Without these the output zone predicts about the mean feedback and its
+        # cosine hovers near zero, above or below depending on how the two chunk
+        # threads happen to batch its updates.
+        **OUTPUT_CONTEXT,
     )
     run = run_threaded(config, task, "decoupled", 100)
     losses = run.losses
