@@ -53,25 +53,10 @@ def mean_std(values: Sequence[float], digits: int = 3) -> str:
 
 def _band(ax, runs, key, colour, label, style="-", log=False):
     """Mean ± sd over runs; on a log axis, geometric mean ×/÷ geometric sd."""
-    epochs, _, _ = sweep.curve_stats(runs, key)
-    length = len(epochs)
-    values = np.array(
-        [
-            [np.nan if x.get(key) is None else x[key] for x in r["curve"][:length]]
-            for r in runs
-        ],
-        dtype=float,
-    )
-    if log:
-        logs = np.log(np.maximum(values, 1e-12))
-        centre, spread = np.nanmean(logs, 0), np.nanstd(logs, 0)
-        mean, low, high = (
-            np.exp(centre),
-            np.exp(centre - spread),
-            np.exp(centre + spread),
-        )
+    epochs, mean, spread = sweep.curve_stats(runs, key, log=log)
+    if log:  # a geometric deviation is a factor
+        low, high = mean / spread, mean * spread
     else:
-        mean, spread = np.nanmean(values, 0), np.nanstd(values, 0)
         low, high = mean - spread, mean + spread
     ax.plot(epochs, mean, style, color=colour, label=label)
     ax.fill_between(epochs, low, high, color=colour, alpha=0.15)
