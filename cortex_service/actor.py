@@ -133,6 +133,7 @@ class ChunkActor:
         self.metrics.add_source(self._samples)
         self.host = host
         self.steps_done = 0  # in this process, for monotonic counters
+        self.degraded_steps = 0  # steps finished with a window in degraded mode
         self.step_seconds: deque[float] = deque(maxlen=256)
         self.batches = config.batches()
         self.batch_size = config.sizes.get("batch_size", 0)
@@ -323,6 +324,8 @@ class ChunkActor:
                 self.step_seconds.append(time.perf_counter() - tic)
                 self.steps_done += 1
                 degraded += result.degraded_windows
+                if result.degraded_windows:
+                    self.degraded_steps += 1
                 if result.loss is not None:
                     self.losses[step] = result.loss
                 self.step = step + 1
@@ -366,6 +369,7 @@ class ChunkActor:
             "running": self._running.is_set(),
             "last_loss": self.losses.get(self.step - 1),
             "degraded_windows": 0 if runtime is None else runtime.degraded_windows,
+            "degraded_steps": self.degraded_steps,
             "activity_depth": len(self.activity_in),
             "feedback_depth": len(self.feedback_in),
             "step_seconds": list(self.step_seconds),

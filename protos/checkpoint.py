@@ -127,8 +127,14 @@ def complete_steps(root: str | Path, actors: list[str]) -> list[int]:
             continue
         if all(verify(directory, actor) for actor in actors):
             steps.append(step)
-        else:
+        elif any(
+            (directory / f"{actor}{suffix}").exists()
+            for actor in actors
+            for suffix in (".manifest", ".pt")
+        ):
             logger.warning("checkpoint %s is incomplete or corrupt; skipped", directory)
+        # else: a step none of these actors wrote (the cerebellum checkpoints less
+        # often than the chunks), nothing to warn about
     return sorted(steps, reverse=True)
 
 
