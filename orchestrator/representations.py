@@ -266,11 +266,19 @@ def save_probe(
 
 
 def run_representations(config, seeds: int, out: Path, progress: bool = True) -> None:
-    """Train a ccRNN per seed, measuring the probe set before and at each evaluation."""
+    """Train a ccRNN per seed, measuring the probe set before and at each evaluation.
+
+    Seeds whose run directory is complete are kept, so a larger ``seeds`` adds to
+    a stored experiment and an interrupted one continues.
+    """
     if config.model != "ccrnn":
         raise ValueError(f"representations need --model ccrnn, got {config.model}")
     for seed in range(seeds):
-        record_seed(config.replace(seed=seed), out / f"seed{seed}", progress)
+        run_dir = out / f"seed{seed}"
+        if (run_dir / "probe.npz").exists():  # written last: this seed is done
+            logger.info("representations, seed %d: already in %s", seed, run_dir)
+            continue
+        record_seed(config.replace(seed=seed), run_dir, progress)
 
 
 def record_seed(config, run_dir: Path, progress: bool = True) -> None:

@@ -8,11 +8,13 @@
 # docs/figures/paper), tables to $RUNS/tables. Sweeps skip runs whose
 # summary.json already holds the same configuration, so an interrupted script
 # continues where it stopped. The settings are scaled to a 2-core machine; see
-# docs/experiments/*.md for where they depart from the paper.
+# docs/experiments/*.md for where they depart from the paper. SEEDS (default 5)
+# sets the seeds of every sweep and of the representation runs.
 set -euo pipefail
 
 RUNS=${RUNS:-runs/paper}
 FIGURES=${FIGURES:-docs/figures/paper}
+SEEDS=${SEEDS:-5}
 PLOT_ONLY=0
 if [[ "${1:-}" == "--plot-only" ]]; then
   PLOT_ONLY=1
@@ -43,33 +45,31 @@ if [[ $PLOT_ONLY == 0 ]]; then
       --out "$RUNS/captions"
   fi
 
-  # Lesions at epoch 40 of 100 on line, 5 seeds (also ataxia and trajectories).
+  # Lesions at epoch 40 of 100 on line (also ataxia and trajectories).
   ccdni sweep --task line --lesions intact,cerebellum@40,olive@40 \
-    --models ccrnn,crnn --seeds 5 --epochs 100 "${COMMON[@]}" --out "$RUNS/lesions-line"
+    --models ccrnn,crnn --seeds "$SEEDS" --epochs 100 "${COMMON[@]}" --out "$RUNS/lesions-line"
 
-  # Truncation sweep on line, 3 seeds (T = 1 shared with the lesion sweep).
-  link_intact truncation-line truncation-1 ccrnn 3
-  link_intact truncation-line truncation-1 crnn 3
-  ccdni sweep --task line --truncations 1,2,5,full --models ccrnn,crnn --seeds 3 \
+  # Truncation sweep on line (T = 1 shared with the lesion sweep).
+  link_intact truncation-line truncation-1 ccrnn "$SEEDS"
+  link_intact truncation-line truncation-1 crnn "$SEEDS"
+  ccdni sweep --task line --truncations 1,2,5,full --models ccrnn,crnn --seeds "$SEEDS" \
     --epochs 100 "${COMMON[@]}" --out "$RUNS/truncation-line"
 
-  # Lesions on digit drawing (digit-lines) at T = 2, 500 images, 3 seeds.
+  # Lesions on digit drawing (digit-lines) at T = 2, 500 images.
   ccdni sweep --task digit-lines --truncation 2 --n-train 500 \
-    --lesions intact,cerebellum@12,olive@12 --models ccrnn,crnn --seeds 3 \
+    --lesions intact,cerebellum@12,olive@12 --models ccrnn,crnn --seeds "$SEEDS" \
     --epochs 30 "${COMMON[@]}" --out "$RUNS/lesions-digit-lines"
 
-  # Representations over learning, 3 seeds.
-  if [[ ! -f "$RUNS/representations-line/seed2/probe.npz" ]]; then
-    python -m orchestrator.representations --task line --seeds 3 --epochs 100 \
-      --eval-every 5 --no-progress --out "$RUNS/representations-line"
-  fi
+  # Representations over learning (seeds already recorded are kept).
+  python -m orchestrator.representations --task line --seeds "$SEEDS" --epochs 100 \
+    --eval-every 5 --no-progress --out "$RUNS/representations-line"
 
-  # Granule layer: width and sparse mossy-fibre input, 3 seeds.
-  link_intact granule-width-line granule_width-400 ccrnn 3
+  # Granule layer: width and sparse mossy-fibre input.
+  link_intact granule-width-line granule_width-400 ccrnn "$SEEDS"
   ccdni sweep --task line --granule-widths 25,100,400,1600 --models ccrnn \
-    --seeds 3 --epochs 100 "${COMMON[@]}" --out "$RUNS/granule-width-line"
-  link_intact fan-in-line inputs_per_granule-all ccrnn 3
-  ccdni sweep --task line --fan-ins 4,all --models ccrnn --seeds 3 --epochs 100 \
+    --seeds "$SEEDS" --epochs 100 "${COMMON[@]}" --out "$RUNS/granule-width-line"
+  link_intact fan-in-line inputs_per_granule-all ccrnn "$SEEDS"
+  ccdni sweep --task line --fan-ins 4,all --models ccrnn --seeds "$SEEDS" --epochs 100 \
     "${COMMON[@]}" --out "$RUNS/fan-in-line"
 
   # A killed cerebellum actor against the in-process lesion (Ray, one seed).

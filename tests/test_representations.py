@@ -154,3 +154,15 @@ def test_records_and_plot_only_round_trip(tmp_path):
     assert "0.600 ± 0.00" in row  # epoch 3 of both seeds
     granule = next(x for x in table.splitlines() if x.startswith("| granule pop"))
     assert "0.800 ± 0.71" in granule  # 0.3 and 1.3: mean 0.8, sd 0.707
+
+
+def test_recorded_seeds_are_kept_and_missing_ones_run(tmp_path, monkeypatch):
+    (tmp_path / "seed0").mkdir()
+    (tmp_path / "seed0" / "probe.npz").write_bytes(b"done")
+    (tmp_path / "seed1").mkdir()  # interrupted: records but no probe file
+    ran = []
+    monkeypatch.setattr(
+        rep, "record_seed", lambda config, run_dir, progress: ran.append(config.seed)
+    )
+    rep.run_representations(TrainConfig(task="line", model="ccrnn"), 3, tmp_path)
+    assert ran == [1, 2]
