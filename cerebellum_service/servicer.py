@@ -54,6 +54,7 @@ from protos.codec import (
     SUPPORTED_DTYPES,
     CodecError,
     FrameAssembler,
+    all_finite,
     check_finite,
     decode,
     encode,
@@ -489,7 +490,7 @@ class CerebellumServicer(pb_grpc.CerebellumServicer):
             )
         ]
         for tensor in converted:
-            if tensor is not None and not bool(torch.isfinite(tensor).all()):
+            if tensor is not None and not all_finite(tensor):
                 return "rejected", "not_finite"
         observation = Observation(observation.zone, observation.key, *converted)
         try:

@@ -28,6 +28,7 @@ from protos.codec import (
     CodecError,
     FrameAssembler,
     TensorAssembler,
+    all_finite,
     assemble_frames,
     check_finite,
     decode,
@@ -212,6 +213,29 @@ def test_check_finite_passes_finite_and_integer_tensors():
     check_finite(torch.randn(3, 3), "x")
     check_finite(torch.tensor([2**62]), "x")
     check_finite(torch.tensor([True]), "x")
+
+
+def test_check_finite_passes_finite_values_whose_sum_overflows():
+    huge = torch.full((64, 64), 60000.0, dtype=torch.float16)  # sums past 65504
+    assert not torch.isfinite(huge.sum())
+    check_finite(huge, "x")
+    check_finite(torch.tensor([3e38, 3e38, -1.0]), "x")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(
+        st.one_of(
+            st.floats(width=32, allow_nan=True, allow_infinity=True),
+            st.sampled_from([3.4e38, -3.4e38, float("inf"), float("-inf")]),
+        ),
+        max_size=40,
+    ),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+)
+def test_all_finite_agrees_with_an_elementwise_test(values, dtype):
+    tensor = torch.tensor(values, dtype=torch.float32).to(dtype)
+    assert all_finite(tensor) == bool(torch.isfinite(tensor).all())
 
 
 def test_grpc_options_set_both_limits():
