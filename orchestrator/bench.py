@@ -40,6 +40,7 @@ import logging
 import math
 import os
 import platform
+import queue
 import shlex
 import statistics
 import subprocess
@@ -120,8 +121,9 @@ class BenchConfig:
             does (the bench itself reads nothing from it).
         timeline_seconds: seconds of the representative timelines to draw.
         profile: also time, alone on the machine and with the run's shapes, a
-            cerebellum's Predict (``python -m cerebellum_service.bench``) and one
-            window's activity sent between two processes, to tell compute and
+            cerebellum's Predict (``python -m cerebellum_service.bench``), one
+            window's activity sent between two processes, and a chunk's compute
+            alone and side by side with copies of itself, to tell compute and
             transport from contention.
     """
 
@@ -1396,7 +1398,7 @@ def render_tables(result: dict[str, Any]) -> str:
             )
             lines.append(f"| {name} | {chunk} | {cells} |")
 
-    for name in ("send_latency", "predict_latency"):
+    for name in ("send_latency", "predict_latency", "core_scaling"):
         error = (result.get(name) or {}).get("error")
         if error:
             first = error.splitlines()[0]
@@ -1571,6 +1573,21 @@ def findings(result: dict[str, Any]) -> list[str]:
             f"schedule can beat {sum(compute.values()) / compute[heavy]:.2f}× "
             f"here{why}."
         )
+        scaling = _probed(result, "core_scaling")
+        if scaling:
+            slowdown = max(scaling["side_by_side_ms"]) / scaling["alone_ms"]
+            ceiling = sum(compute.values()) / (compute[heavy] * slowdown)
+            notes.append(
+                f"pure compute does not scale to {scaling['config']['copies']} "
+                f"cores here: one window's forward and backward pass of an upper "
+                f"chunk takes {scaling['alone_ms']:.1f} ms alone and "
+                + ", ".join(f"{v:.1f}" for v in scaling["side_by_side_ms"])
+                + f" ms in {scaling['config']['copies']} processes side by side "
+                f"(nothing else running, nothing sent), so the cores together do "
+                f"{scaling['work_rate']:.2f}× the work of one. Chunks that compute "
+                f"side by side are slowed as much, which lowers the ceiling above "
+                f"to {ceiling:.2f}× before any cerebellum or communication cost."
+            )
 
     own = decoupled["phase_seconds_per_step"]
     windows = -(-result["task"]["seq_len"] // result["config"]["truncation"])
@@ -2056,6 +2073,89 @@ def measure_predict_latency(
         return json.loads(path.read_text())
 
 
+def _core_worker(shape: dict[str, int], start, seconds: float, results) -> None:
+    """Time forward and backward passes of one window of an upper chunk."""
+    import torch
+
+    from cortex_service.network import CorticalChunk
+
+    torch.set_num_threads(shape["threads"])
+    torch.manual_seed(0)
+    chunk = CorticalChunk(shape["width"], shape["width"], shape["layers"])
+    x = torch.randn(shape["batch"], shape["steps"], shape["width"])
+    x.requires_grad_(True)  # an upper chunk computes the feedback of its input
+    state = chunk.initial_state(shape["batch"])
+
+    def window() -> None:
+        hidden, _ = chunk(x, state)
+        hidden.square().mean().backward()
+
+    for _ in range(5):
+        window()
+    start.wait()  # every copy starts its timed loop together
+    samples, began = [], time.perf_counter()
+    while time.perf_counter() - began < seconds:
+        tic = time.perf_counter()
+        window()
+        samples.append(time.perf_counter() - tic)
+    results.put(statistics.median(samples))
+
+
+def measure_core_scaling(
+    bench: BenchConfig, task: TaskData, seconds: float = 4.0
+) -> dict[str, Any]:
+    """The same pure compute alone and in ``copies`` processes side by side.
+
+    Every copy runs the forward and backward pass of one window of an upper
+    chunk (the bench's shapes and threads, nothing sent, no cerebellum), first
+    one process alone, then ``copies`` at once (the chunks of ``decoupled``, at
+    most one per core). ``work_rate`` is the work the copies do together, in
+    units of one copy alone: what running chunks side by side can buy at best
+    on this machine, whatever the schedule.
+    """
+    import multiprocessing
+
+    config = bench.train_config()
+    shape = {
+        "width": config.hidden_size,
+        "layers": config.layers_per_chunk,
+        "batch": bench.batch_size,
+        "steps": config.effective_truncation(task.seq_len),
+        "threads": config.threads,
+    }
+    copies = max(2, min(bench.chunks, os.cpu_count() or 1))
+    context = multiprocessing.get_context("spawn")
+
+    def run(count: int) -> list[float]:
+        start, results = context.Barrier(count), context.Queue()
+        workers = [
+            context.Process(
+                target=_core_worker, args=(shape, start, seconds, results), daemon=True
+            )
+            for _ in range(count)
+        ]
+        for worker in workers:
+            worker.start()
+        try:
+            return sorted(results.get(timeout=300) for _ in workers)
+        except queue.Empty:
+            raise TimeoutError(
+                f"{count} compute copies gave no timing in 300 s"
+            ) from None
+        finally:
+            for worker in workers:
+                worker.join(timeout=30)
+
+    alone = run(1)[0]
+    side = run(copies)
+    return {
+        "config": {**shape, "copies": copies, "seconds": seconds},
+        "alone_ms": 1000 * alone,
+        "side_by_side_ms": [1000 * v for v in side],
+        "work_rate": sum(alone / v for v in side),
+    }
+
+
 # The whole benchmark ---------------------------------------------------------------
 
 
@@ -2134,6 +2234,7 @@ def run_bench(
         # After the runs are safely written: a failed probe costs only itself.
         result["send_latency"] = _probe(measure_send_latency, bench, task)
         result["predict_latency"] = _probe(measure_predict_latency, bench, task)
+        result["core_scaling"] = _probe(measure_core_scaling, bench, task)
         write_results(result, out, doc)
     logger.info("wrote %s in %.0f s", out / "bench.json", result["wall_seconds"])
     return result

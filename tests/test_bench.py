@@ -274,6 +274,17 @@ def test_a_failed_profile_probe_is_recorded_not_raised():
     assert bench._probed({"predict_latency": failed}, "predict_latency") is None
 
 
+def test_core_scaling_times_one_copy_alone_and_copies_side_by_side():
+    config = bench.BenchConfig(**bench.QUICK)
+    task = load_task(config.task, seed=0, n_train=config.n_train)
+    scaling = bench.measure_core_scaling(config, task, seconds=0.3)
+    assert scaling["config"]["copies"] == 2
+    assert scaling["config"]["width"] == config.hidden_size
+    assert scaling["alone_ms"] > 0 and len(scaling["side_by_side_ms"]) == 2
+    alone, side = scaling["alone_ms"], scaling["side_by_side_ms"]
+    assert scaling["work_rate"] == pytest.approx(sum(alone / v for v in side))
+
+
 def parse(*argv: str) -> bench.BenchConfig:
     parser = argparse.ArgumentParser()
     bench.add_bench_parser(parser.add_subparsers(dest="command"))
