@@ -55,8 +55,8 @@ class CerebellumActor:
 
     Args:
         spec: ``zones`` (microzone maps, as ``Configure`` takes them), ``lr``,
-            ``token`` (the run's secret), ``threads`` (torch threads), and
-            optionally ``host``.
+            ``learning`` (``background`` or ``on_update``), ``token`` (the run's
+            secret), ``threads`` (torch threads), and optionally ``host``.
     """
 
     def __init__(self, spec: dict[str, Any]) -> None:
@@ -65,7 +65,11 @@ class CerebellumActor:
         )
         torch.set_num_threads(int(spec.get("threads", 1)))
         config = CerebellumConfig.from_dict(
-            {"zones": spec["zones"], "lr": spec.get("lr", 1e-3)}
+            {
+                "zones": spec["zones"],
+                "lr": spec.get("lr", 1e-3),
+                "learning": spec.get("learning", "background"),
+            }
         )
         self.servicer = CerebellumServicer(config)
         host = spec.get("host") or node_address()

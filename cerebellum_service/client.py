@@ -68,6 +68,7 @@ CLIENT_COUNTERS = (
     "accepted",
     "cache_misses",
     "rejected",
+    "updates_unconfirmed",
 )
 
 
@@ -81,6 +82,10 @@ class _Flush:
     def resolve(self, ok: bool) -> None:
         self.ok = ok
         self.done.set()
+
+
+_UPDATE = pb.LearnRequest(update=True)
+"""The outbox item that asks the server for an update (``update_on_call``)."""
 
 
 class _Stream:
@@ -131,7 +136,7 @@ class _Outbox:
             if not self._items:
                 return None
             item = self._items.popleft()
-            if not isinstance(item, _Flush):
+            if isinstance(item, list):  # observations; markers are not counted
                 self._observations -= 1
             return item
 
@@ -172,6 +177,9 @@ class RemoteCerebellum(FeedbackPredictor):
         stream_lifetime_s: a Learn stream ends (and its counts arrive) after
             this long; the next observation opens a new one.
         channel: an already opened channel to use instead of opening one.
+        update_on_call: make :meth:`update` ask the server for an update and
+            wait until it is applied (for a server whose learning is
+            ``on_update``).
     """
 
     def __init__(
@@ -188,6 +196,7 @@ class RemoteCerebellum(FeedbackPredictor):
         queue_size: int = 1024,
         stream_lifetime_s: float = 30.0,
         channel: grpc.Channel | None = None,
+        update_on_call: bool = False,
     ) -> None:
         if queue_size < 1 or stream_lifetime_s <= 0 or deadline_s <= 0:
             raise ValueError(
@@ -203,6 +212,7 @@ class RemoteCerebellum(FeedbackPredictor):
         self.max_backoff_s = max_backoff_s
         self.control_deadline_s = control_deadline_s
         self.stream_lifetime_s = stream_lifetime_s
+        self.update_on_call = update_on_call
         self.counters = Counters(CLIENT_COUNTERS)
         self._channel = channel or open_channel(address, security, max_message_bytes)
         self._stub = pb_grpc.CerebellumStub(self._channel)
@@ -327,7 +337,25 @@ class RemoteCerebellum(FeedbackPredictor):
                 )
 
     def update(self) -> dict[str, float]:
-        """Nothing to do here: the server learns in the background."""
+        """With ``update_on_call``, have the server update now and wait for it.
+
+        The update request follows every observation queued before it on the
+        Learn stream, and this returns once the server has applied it, so the
+        next ``predict`` sees the new weights: the server's updates then fall
+        where an in-process cerebellum's would (a server configured with
+        learning ``on_update``). Otherwise nothing: the server learns in the
+        background. Returns ``{}``: the losses stay on the server (``stats``).
+        """
+        if not self.update_on_call or self._down:
+            return {}
+        self._outbox.put(_UPDATE, marker=True)
+        if not self.flush(self.control_deadline_s):
+            self.counters.add("updates_unconfirmed")
+            logger.warning(
+                "cerebellum at %s did not confirm an update within %.0f s",
+                self.address,
+                self.control_deadline_s,
+            )
         return {}
 
     # Control ----------------------------------------------------------------------
@@ -338,6 +366,7 @@ class RemoteCerebellum(FeedbackPredictor):
         lr: float = 1e-3,
         cache_size: int = 4096,
         lesion: str | None = None,
+        learning: str = "background",
     ) -> dict[str, Any]:
         """Replace the server's cerebellum; return the effective settings.
 
@@ -348,6 +377,8 @@ class RemoteCerebellum(FeedbackPredictor):
             lr: Adam learning rate.
             cache_size: activities the server keeps for feedback to come.
             lesion: ``None``, ``"cerebellum"`` or ``"olive"``.
+            learning: ``"background"`` or ``"on_update"`` (see
+                ``cerebellum_service.config.LEARNING``).
 
         Raises:
             ValueError: the server refused the settings (the message names the
@@ -360,6 +391,7 @@ class RemoteCerebellum(FeedbackPredictor):
             "lr": lr,
             "cache_size": cache_size,
             "lesion": lesion,
+            "learning": learning,
         }
         reply = self._control("Configure", pb.ConfigureRequest(config=_pack(config)))
         return msgpack.unpackb(reply.config, raw=False)
@@ -412,7 +444,7 @@ class RemoteCerebellum(FeedbackPredictor):
             self.flush(flush_timeout)
         self._closed.set()
         left = self._outbox.close()
-        dropped = sum(1 for item in left if not isinstance(item, _Flush))
+        dropped = sum(1 for item in left if isinstance(item, list))
         for item in left:
             if isinstance(item, _Flush):
                 item.resolve(False)
@@ -551,6 +583,10 @@ class RemoteCerebellum(FeedbackPredictor):
             if isinstance(item, _Flush):
                 stream.flushes.append(item)
                 return
+            if item is _UPDATE:
+                yield item
+                item = self._outbox.take(stream, timeout=ends - time.monotonic())
+                continue
             # Counted before the frames go: a stream that fails from here on
             # may or may not have delivered them, and they count as lost.
             stream.sent += 1

@@ -9,6 +9,7 @@ a server allocate more than it can hold.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,12 @@ ZONE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 LESIONS = (None, "cerebellum", "olive")
 """``cerebellum``: no predictions; ``olive``: predictions go on, learning stops."""
+
+LEARNING = ("background", "on_update")
+"""When the server learns: ``background``, a learner thread updates as soon as
+observations arrive; ``on_update``, only when a Learn frame asks (``update``), so
+that a client can make the server's updates fall where an in-process
+cerebellum's would."""
 
 MAX_ZONES = 64
 MAX_WIDTH = 2**20
@@ -45,7 +52,7 @@ _ZONE_KEYS = (
     "init_seed",
     "dtype",
 )
-_TOP_KEYS = ("zones", "lr", "cache_size", "lesion")
+_TOP_KEYS = ("zones", "lr", "cache_size", "lesion", "learning")
 # Names the zones' container already uses for attributes (keys, train, ...).
 _NAME_PROBE = nn.ModuleDict()
 
@@ -112,12 +119,14 @@ class ZoneSpec:
 
 @dataclass(frozen=True)
 class CerebellumConfig:
-    """Everything ``Configure`` sets: microzones, learning rate, cache, lesion."""
+    """Everything ``Configure`` sets: microzones, learning rate, cache, lesion,
+    and when the server learns (:data:`LEARNING`)."""
 
     zones: tuple[ZoneSpec, ...]
     lr: float = 1e-3
     cache_size: int = 4096
     lesion: str | None = None
+    learning: str = "background"
     zone_names: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -140,10 +149,11 @@ class CerebellumConfig:
             "lr": self.lr,
             "cache_size": self.cache_size,
             "lesion": self.lesion,
+            "learning": self.learning,
         }
 
     def with_lesion(self, lesion: str | None) -> CerebellumConfig:
-        return CerebellumConfig(self.zones, self.lr, self.cache_size, lesion)
+        return dataclasses.replace(self, lesion=lesion)
 
     @classmethod
     def from_dict(
@@ -183,6 +193,7 @@ class CerebellumConfig:
                 raw.get("cache_size", 4096), "cache_size", 1, MAX_CACHE_SIZE
             ),
             lesion=parse_lesion(raw.get("lesion"), "lesion"),
+            learning=_choice(raw.get("learning", "background"), "learning", LEARNING),
         )
 
 
@@ -266,6 +277,12 @@ def _zone(raw: object, key: str, max_parameters: int) -> ZoneSpec:
             too_large=True,
         )
     return spec
+
+
+def _choice(value: object, key: str, allowed: Sequence[str]) -> str:
+    if value not in allowed or not isinstance(value, str):
+        raise ConfigError(key, f"is {value!r}; expected one of {list(allowed)}")
+    return value
 
 
 def _integer(value: object, key: str, low: int, high: int) -> int:

@@ -114,6 +114,7 @@ _COUNTERS = (
     "accepted",
     "cache_misses",
     "updates",
+    "update_requests",
     "configures",
     "checkpoints",
     "restores",
@@ -252,27 +253,33 @@ class CerebellumServicer(pb_grpc.CerebellumServicer):
                 return
             self._wake.clear()
             current = self._current
-            if current is None or self._failed(current):
-                continue
-            try:
-                losses = current.cerebellum.update()
-            except Exception as error:
-                # Not swallowed: Learn answers INTERNAL from now on and Stats
-                # reports learner_failed until Configure or Restore replaces the
-                # cerebellum; predictions go on with the last good weights.
-                logger.exception("cerebellum update failed; learning stops")
-                self.counters.add("learner_errors")
-                self._learner_error = (current.generation, error)
-                continue
-            if not losses:
-                continue
-            with self._swap_lock:
-                if current.generation == self._generation:
-                    self._step += 1
-            self.counters.add("updates")
-            with self._step_changed:
-                self._step_changed.notify_all()
-            logger.debug("update: losses %s", losses)
+            if current is None or current.config.learning == "on_update":
+                continue  # on_update: Learn applies updates where frames ask
+            self._update(current)
+
+    def _update(self, current: _Current) -> None:
+        """One update of ``current``'s cerebellum with what it has accepted."""
+        if self._failed(current):
+            return
+        try:
+            losses = current.cerebellum.update()
+        except Exception as error:
+            # Not swallowed: Learn answers INTERNAL from now on and Stats
+            # reports learner_failed until Configure or Restore replaces the
+            # cerebellum; predictions go on with the last good weights.
+            logger.exception("cerebellum update failed; learning stops")
+            self.counters.add("learner_errors")
+            self._learner_error = (current.generation, error)
+            return
+        if not losses:
+            return
+        with self._swap_lock:
+            if current.generation == self._generation:
+                self._step += 1
+        self.counters.add("updates")
+        with self._step_changed:
+            self._step_changed.notify_all()
+        logger.debug("update: losses %s", losses)
 
     def _failed(self, current: _Current) -> bool:
         error = self._learner_error
@@ -416,6 +423,23 @@ class CerebellumServicer(pb_grpc.CerebellumServicer):
                 self.counters,
                 "learner_failed",
             )
+        if msg.zone or msg.HasField("observed") or not msg.update:
+            self._take_observation(msg, index, reply, context, current)
+        if msg.update:
+            # In the handler's thread, so the frames after it (and the reply
+            # that ends the stream) come after the update: a client that waits
+            # for the reply predicts with the updated weights.
+            self.counters.add("update_requests")
+            self._update(current)
+
+    def _take_observation(
+        self,
+        msg: pb.LearnRequest,
+        index: int,
+        reply: pb.LearnReply,
+        context: grpc.ServicerContext,
+        current: _Current,
+    ) -> None:
         self.counters.add("observations")
         try:
             observation = self._observation(msg, f"frame {index}")

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cerebellum_service.config import LEARNING
 from cortex_service.runtime import SCHEDULES
 from orchestrator.bench import add_bench_parser, run_bench_command
 from orchestrator.config import (
@@ -163,6 +164,14 @@ def add_distributed_options(parser: argparse.ArgumentParser) -> None:
         help="do not serve Prometheus /metrics from the actors",
     )
     group.add_argument(
+        "--cerebellum-learning",
+        choices=LEARNING,
+        default="background",
+        help="when the cerebellum actor learns: as feedback arrives (background, "
+        "default) or when the chunks' optimisers step, as in one process "
+        "(on_update: slower, but the run then equals the in-process trainer)",
+    )
+    group.add_argument(
         "--prometheus-sd",
         metavar="FILE",
         help="write the Prometheus file_sd list of actor endpoints here "
@@ -186,6 +195,7 @@ def distributed_from_args(args: argparse.Namespace):
         resume=args.resume,
         metrics=args.metrics,
         prometheus_sd=args.prometheus_sd,
+        cerebellum_learning=args.cerebellum_learning,
     )
 
 

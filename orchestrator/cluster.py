@@ -12,6 +12,7 @@ checkpoint and points the chunks at it again.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from typing import Any
 
 import msgpack
 
+from cerebellum_service.config import LEARNING
 from cortex_service.actor import ChunkActor, ChunkActorSpec, chunk_name
 from cortex_service.runtime import SCHEDULES, ChunkSpec
 from orchestrator.batches import BatchSource, BatchStream
@@ -62,6 +64,11 @@ class DistributedConfig:
         metrics: serve Prometheus ``/metrics`` from every actor.
         prometheus_sd: where to write the Prometheus file-based service-discovery
             list of the actors' endpoints (default ``OUT/prometheus-targets.json``).
+        cerebellum_learning: ``background`` (the server learns as feedback
+            arrives) or ``on_update`` (it learns when a chunk's optimiser steps,
+            waiting for it; with one chunk that is where the in-process
+            trainer's cerebellum learns, with K chunks it makes K updates per
+            batch; see ``cerebellum_service.config.LEARNING``).
     """
 
     schedule: str = "decoupled"
@@ -78,11 +85,17 @@ class DistributedConfig:
     wait_timeout: float = 120.0
     metrics: bool = True
     prometheus_sd: str | None = None
+    cerebellum_learning: str = "background"
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ConfigError(
                 f"--schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}"
+            )
+        if self.cerebellum_learning not in LEARNING:
+            raise ConfigError(
+                f"--cerebellum-learning {self.cerebellum_learning!r}: choose one of "
+                f"{', '.join(LEARNING)}"
             )
         if self.micro_batches < 1:
             raise ConfigError(
@@ -126,7 +139,9 @@ def connect_ray(address: str | None) -> None:
         ray.init(address=address, configure_logging=False)
 
 
-def make_remote_cerebellum(address: str, token: str, interceptors=()):
+def make_remote_cerebellum(
+    address: str, token: str, interceptors=(), update_on_call: bool = False
+):
     """The cerebellum client a chunk actor uses (picklable by reference)."""
     import grpc
 
@@ -136,7 +151,7 @@ def make_remote_cerebellum(address: str, token: str, interceptors=()):
     channel = open_channel(address, ClientSecurity(token=token))
     if interceptors:
         channel = grpc.intercept_channel(channel, *interceptors)
-    return RemoteCerebellum(address, channel=channel)
+    return RemoteCerebellum(address, channel=channel, update_on_call=update_on_call)
 
 
 @dataclass
@@ -326,7 +341,14 @@ class Cluster:
             checkpoint_every=self.dist.checkpoint_every,
             max_in_flight=self.dist.max_in_flight,
             threads=config.threads,
-            cerebellum_factory=make_remote_cerebellum if self.uses_cerebellum else None,
+            cerebellum_factory=(
+                functools.partial(
+                    make_remote_cerebellum,
+                    update_on_call=self.dist.cerebellum_learning == "on_update",
+                )
+                if self.uses_cerebellum
+                else None
+            ),
             metrics=self.dist.metrics,
         )
 
@@ -336,6 +358,7 @@ class Cluster:
                 dict(name=name, **spec) for name, spec in self.zone_specs.items()
             ],
             "lr": self.config.cerebellum_lr,
+            "learning": self.dist.cerebellum_learning,
             "token": self.token,
             "threads": self.config.threads,
             "metrics": self.dist.metrics,

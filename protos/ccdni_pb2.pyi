@@ -146,20 +146,22 @@ class PredictReply(_message.Message):
     def __init__(self, predictions: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., available: _Optional[_Iterable[bool]] = ..., step: _Optional[int] = ...) -> None: ...
 
 class LearnRequest(_message.Message):
-    __slots__ = ("zone", "key", "observed", "activity", "context", "part")
+    __slots__ = ("zone", "key", "observed", "activity", "context", "update", "part")
     ZONE_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     OBSERVED_FIELD_NUMBER: _ClassVar[int]
     ACTIVITY_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_FIELD_NUMBER: _ClassVar[int]
     PART_FIELD_NUMBER: _ClassVar[int]
     zone: str
     key: ActivityKey
     observed: Tensor
     activity: Tensor
     context: Tensor
+    update: bool
     part: TensorPart
-    def __init__(self, zone: _Optional[str] = ..., key: _Optional[_Union[ActivityKey, _Mapping]] = ..., observed: _Optional[_Union[Tensor, _Mapping]] = ..., activity: _Optional[_Union[Tensor, _Mapping]] = ..., context: _Optional[_Union[Tensor, _Mapping]] = ..., part: _Optional[_Union[TensorPart, _Mapping]] = ...) -> None: ...
+    def __init__(self, zone: _Optional[str] = ..., key: _Optional[_Union[ActivityKey, _Mapping]] = ..., observed: _Optional[_Union[Tensor, _Mapping]] = ..., activity: _Optional[_Union[Tensor, _Mapping]] = ..., context: _Optional[_Union[Tensor, _Mapping]] = ..., update: _Optional[bool] = ..., part: _Optional[_Union[TensorPart, _Mapping]] = ...) -> None: ...
 
 class LearnReply(_message.Message):
     __slots__ = ("accepted", "cache_misses", "rejected")

@@ -208,7 +208,6 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
-
 def split_tensor(
     tensor: torch.Tensor, max_bytes: int, *, field: str = ""
 ) -> Iterator[pb.TensorPart]:

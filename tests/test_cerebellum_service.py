@@ -167,6 +167,51 @@ def test_learning_moves_predictions_toward_observed_feedback(cerebellum):
     )  # a number, not NaN
 
 
+def test_on_update_server_learns_only_when_a_frame_asks():
+    servicer, server = start_cerebellum({**zone_config(), "learning": "on_update"})
+    try:
+        channel_stub = stub(server)
+        x, target = activity(30), torch.full((ROWS, WIDTH), 0.5)
+        (before,) = predict(channel_stub, query(x, batch=1))
+        reply = channel_stub.Learn(iter([learn_request(target, batch=1)]), timeout=10)
+        assert reply.accepted == 1
+        assert not servicer.wait_for_step(1, timeout=0.5)  # taken, not learned
+        assert torch.equal(predict(channel_stub, query(x, batch=2))[0], before)
+
+        reply = channel_stub.Learn(
+            iter([learn_request(target, batch=2), pb.LearnRequest(update=True)]),
+            timeout=10,
+        )
+        # Applied before the stream's reply: no waiting for a learner thread.
+        assert reply.accepted == 1 and servicer.step == 1
+        assert servicer.stats()["update_requests"] == 1
+        (after,) = predict(channel_stub, query(x, batch=3))
+        assert torch.mean((after - target) ** 2) < torch.mean((before - target) ** 2)
+    finally:
+        server.stop(0)
+
+
+def test_remote_update_on_call_waits_for_the_servers_update():
+    servicer, server = start_cerebellum({**zone_config(), "learning": "on_update"})
+    x, target = activity(31), torch.full((ROWS, WIDTH), 0.5)
+    try:
+        with RemoteCerebellum(
+            server.address, ClientSecurity(token=TOKEN), update_on_call=True
+        ) as remote:
+            (before,) = remote.predict([Query(ZONE, ActivityKey(0, 0), x)])
+            remote.observe([Observation(ZONE, ActivityKey(0, 0), target)])
+            assert remote.update() == {}
+            assert servicer.step == 1  # applied before update() returned
+            (after,) = remote.predict([Query(ZONE, ActivityKey(1, 0), x)])
+        assert not torch.equal(after, before)
+        with RemoteCerebellum(server.address, ClientSecurity(token=TOKEN)) as plain:
+            plain.update()  # without update_on_call: nothing sent
+            assert plain.flush(10)
+        assert servicer.stats()["update_requests"] == 1
+    finally:
+        server.stop(0)
+
+
 def test_cache_miss_is_counted_not_fatal(cerebellum):
     servicer, _, channel_stub = cerebellum
     misses = servicer.stats()["cache_misses"]
@@ -543,6 +588,11 @@ BAD_CONFIGS = {
         "config.zones[0]",
     ),
     "bad_lesion": (msgpack.packb({"lesion": "cortex"}), INVALID, "config.lesion"),
+    "bad_learning": (
+        msgpack.packb({**zone_config(), "learning": "sometimes"}),
+        INVALID,
+        "config.learning",
+    ),
 }
 
 
