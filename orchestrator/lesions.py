@@ -6,14 +6,14 @@ is what ``--lesion cerebellum@E`` does in one process. This module runs both and
 compares them step by step:
 
 1. a distributed run (``--schedule locked``; one chunk by default) whose
-   cerebellum actor is killed, without restart, once the chunk has passed
-   ``--kill-step``;
-2. the in-process trainer, lesioned (no predictor) at the step where the
-   distributed chunk's first degraded window fell;
+   cerebellum actor is killed, without restart, between steps ``--kill-step``
+   - 1 and ``--kill-step``; its cerebellum learns ``on_update`` (once per
+   batch, as in one process), so that before the kill the run is the
+   in-process trainer's, step for step;
+2. the in-process trainer, lesioned (no predictor) from the step where the
+   distributed chunk's first degraded window fell (read back from the chunk's
+   count of degraded steps, not assumed);
 3. the in-process trainer, intact, for reference.
-
-The kill lands while the chunk is running, so the step it takes effect at is
-read back from the chunk's count of degraded windows rather than assumed.
 ``python -m orchestrator.lesions --task line --n-train 200 --steps 80
 --kill-step 40 --out DIR`` writes ``DIR/distributed-lesion.json`` (the three loss
 series and where they differ) and ``--plot-only`` redraws
@@ -26,8 +26,6 @@ import argparse
 import json
 import logging
 import sys
-import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -63,41 +61,43 @@ def in_process_losses(
 def distributed_killed(
     config: TrainConfig, task, steps: int, kill_step: int, out: Path
 ) -> dict[str, Any]:
-    """A locked distributed run whose cerebellum actor is killed at ``kill_step``."""
+    """A locked distributed run whose cerebellum actor is killed at ``kill_step``.
+
+    The cerebellum learns ``on_update`` (once per batch, when the chunk's
+    optimiser steps, as in one process) and the kill falls between two runs of
+    the actors, after step ``kill_step - 1`` and before step ``kill_step``, so the
+    distributed run can be compared with the in-process one step for step.
+    """
     import ray
 
     from orchestrator.cluster import Cluster, DistributedConfig
 
-    dist = DistributedConfig(schedule="locked", steps=steps, checkpoint_every=0)
+    dist = DistributedConfig(
+        schedule="locked",
+        steps=steps,
+        checkpoint_every=0,
+        cerebellum_learning="on_update",
+    )
     cluster = Cluster(config, dist, task, out)
     cluster.start()
-    windows = len(range(0, task.seq_len, cluster.truncation))
-    result: dict[str, Any] = {}
     try:
         cluster.save_checkpoint(0)
-        worker = threading.Thread(
-            target=lambda: result.setdefault("record", cluster.run(0, steps))
-        )
-        worker.start()
-        while True:
-            step = ray.get(cluster.chunks[0].progress.remote())["step"]
-            if step >= kill_step or not worker.is_alive():
-                break
-            time.sleep(0.02)  # polling the actor's progress, not timing anything
+        cluster.run(0, kill_step)
+        before = ray.get(cluster.chunks[0].progress.remote())["degraded_windows"]
         ray.kill(cluster.cerebellum, no_restart=True)
-        killed_at = step
-        worker.join()
-        degraded = ray.get(cluster.chunks[0].progress.remote())["degraded_windows"]
+        logger.info("killed the cerebellum actor after step %d", kill_step - 1)
+        cluster.run(kill_step, steps)
+        progress = ray.get(cluster.chunks[0].progress.remote())
         losses = [cluster.record.losses[s] for s in sorted(cluster.record.losses)]
     finally:
         cluster.shutdown()
-    # Every step but the last window asks for a prediction: windows - 1 per step.
-    degraded_steps = -(-degraded // max(windows - 1, 1))
     return {
         "losses": losses,
-        "killed_at_step": killed_at,
-        "degraded_windows": degraded,
-        "first_degraded_step": steps - degraded_steps,
+        "killed_at_step": kill_step,
+        "degraded_windows_before_kill": before,
+        "degraded_windows": progress["degraded_windows"],
+        "degraded_steps": progress["degraded_steps"],
+        "first_degraded_step": steps - progress["degraded_steps"],
     }
 
 
@@ -142,6 +142,7 @@ def differences(record: dict[str, Any]) -> dict[str, float | None]:
     n = len(dist)
     return {
         "before_vs_lesioned": largest(record["in_process_lesioned"], 0, cut),
+        "before_vs_intact": largest(record["in_process_intact"], 0, cut),
         "after_vs_lesioned": largest(record["in_process_lesioned"], cut, n),
         "after_vs_intact": largest(record["in_process_intact"], cut, n),
     }

@@ -62,6 +62,40 @@ def test_locked_on_ray_matches_the_in_process_trainer(tmp_path, chunks):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == steps
 
 
+def test_ccrnn_on_ray_learning_on_update_matches_the_in_process_trainer(tmp_path):
+    # One chunk, so one cerebellum update per batch, as in one process.
+    config = small_config(model="ccrnn", chunks=1)
+    task = task_for(config)
+    steps = 12
+    trainer = Trainer(config, task)
+    stream = BatchStream(task, config.batch_size, config.seed)
+    expected = [trainer.run_batch(stream.sequences(s)).loss for s in range(steps)]
+
+    def distributed(learning: str) -> list[float]:
+        summary = train_distributed(
+            config,
+            DistributedConfig(
+                schedule="locked",
+                steps=steps,
+                checkpoint_every=0,
+                cerebellum_learning=learning,
+            ),
+            task,
+            tmp_path / learning,
+            progress=False,
+        )
+        return summary["train_losses"]
+
+    def largest_gap(got: list[float]) -> float:
+        assert len(got) == steps
+        return max(abs(a - b) / max(1.0, abs(b)) for a, b in zip(got, expected))
+
+    assert largest_gap(distributed("on_update")) <= 1e-5
+    # The server learning as feedback arrives is a different rule: the control
+    # that shows the comparison can tell them apart.
+    assert largest_gap(distributed("background")) > 1e-5
+
+
 def busy_intervals(events, chunk):
     spans = sorted(
         (e["start"], e["end"])
@@ -272,3 +306,16 @@ def test_checkpoint_steps_warn_only_about_damaged_ones(tmp_path, caplog):
         assert ckpt.complete_steps(tmp_path, ["cerebellum"]) == [8]
     warned = [r.getMessage() for r in caplog.records]
     assert len(warned) == 1 and "step-00000012" in warned[0]  # not step 4: no file
+
+
+def test_killing_the_cerebellum_actor_is_the_in_process_cerebellar_lesion(tmp_path):
+    from orchestrator.lesions import compare_lesions
+
+    config = small_config(model="ccrnn", chunks=1)
+    record = compare_lesions(config, steps=10, kill_step=5, out=tmp_path)
+
+    assert record["degraded_windows_before_kill"] == 0
+    assert record["first_degraded_step"] == 5  # every step from the kill on
+    gaps = record["differences"]
+    assert gaps["before_vs_lesioned"] <= 1e-5  # intact until then, in both
+    assert gaps["after_vs_lesioned"] <= 1e-5  # then the lesioned rule, in both
