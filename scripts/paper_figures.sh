@@ -52,7 +52,7 @@ if [[ $PLOT_ONLY == 0 ]]; then
   # Truncation sweep on line (T = 1 shared with the lesion sweep).
   link_intact truncation-line truncation-1 ccrnn "$SEEDS"
   link_intact truncation-line truncation-1 crnn "$SEEDS"
-  ccdni sweep --task line --truncations 1,2,5,full --models ccrnn,crnn --seeds "$SEEDS" \
+  ccdni sweep --task line --truncations 1,2,3,5,7,full --models ccrnn,crnn --seeds "$SEEDS" \
     --epochs 100 "${COMMON[@]}" --out "$RUNS/truncation-line"
 
   # Lesions on digit drawing (digit-lines) at T = 2, 500 images.
@@ -72,10 +72,11 @@ if [[ $PLOT_ONLY == 0 ]]; then
   ccdni sweep --task line --fan-ins 4,all --models ccrnn --seeds "$SEEDS" --epochs 100 \
     "${COMMON[@]}" --out "$RUNS/fan-in-line"
 
-  # A killed cerebellum actor against the in-process lesion (Ray, one seed).
+  # A killed cerebellum actor against the in-process lesion (Ray, one seed):
+  # the 100 epochs of the line lesion runs, killed at epoch 40 (step 640).
   if [[ ! -f "$RUNS/distributed-lesion/distributed-lesion.json" ]]; then
-    python -m orchestrator.lesions --task line --n-train 200 --steps 80 \
-      --kill-step 40 --no-progress --out "$RUNS/distributed-lesion"
+    python -m orchestrator.lesions --task line --steps 1600 --kill-step 640 \
+      --no-progress --out "$RUNS/distributed-lesion"
   fi
 fi
 
