@@ -199,6 +199,18 @@ def distributed_from_args(args: argparse.Namespace):
     )
 
 
+def experiment_distributed(args: argparse.Namespace):
+    """The DistributedConfig of ``compare``/``sweep --distributed``, else None."""
+    if not args.distributed:
+        return None
+    if args.resume:
+        raise ConfigError(
+            "--resume continues one distributed run (ccdni train); a comparison "
+            "or sweep continues by itself: rerun it without --resume"
+        )
+    return distributed_from_args(args)
+
+
 def config_from_args(args: argparse.Namespace, **fixed: Any) -> TrainConfig:
     """Task defaults, then the flags given on the command line."""
     names = (
@@ -245,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--plot-only", action="store_true", help="redraw from stored runs, no training"
     )
+    add_distributed_options(compare)
 
     report = commands.add_parser("report", help="plots of a run or a comparison")
     report.add_argument("run_dir")
@@ -324,7 +337,12 @@ def _compare(args: argparse.Namespace) -> int:
     if not args.plot_only:
         base = config_from_args(args)
         compare.run_comparison(
-            base, models, args.seeds, out, progress=not args.no_progress
+            base,
+            models,
+            args.seeds,
+            out,
+            progress=not args.no_progress,
+            dist=experiment_distributed(args),
         )
     table = compare.write_comparison(out)
     sys.stdout.write(table + "\n")

@@ -632,15 +632,38 @@ class Cluster:
 
     def evaluate(self, split: str = "validation") -> dict[str, Any]:
         """Gather the chunks' weights and evaluate the whole network here."""
+        return self.gathered().evaluate(getattr(self.task, split))
+
+    def gathered(self):
+        """An in-process ``Trainer`` holding the chunks' current weights."""
         import ray
 
         from orchestrator.trainer import Trainer
 
-        trainer = Trainer(self.config.replace(model="crnn"), self.task)
+        trainer = Trainer(self.config.replace(model="crnn", lesions=()), self.task)
         states = ray.get([c.state_dict.remote() for c in self.chunks])
         for chunk, state in zip(trainer.chunks, states):
             chunk.load_state_dict(state)
-        return trainer.evaluate(getattr(self.task, split))
+        return trainer
+
+    def set_lesion(self, lesion: str | None) -> None:
+        """Lesion the cerebellum actor's service (``cerebellum`` or ``olive``).
+
+        ``cerebellum``: it answers no predictions, so the chunks train as in
+        degraded mode, which is what ``--lesion cerebellum@E`` does in one
+        process (and what a stopped actor does; docs/experiments/lesions.md);
+        ``olive``: it predicts on with frozen weights.
+        """
+        from cerebellum_service.client import RemoteCerebellum
+        from protos.service import ClientSecurity
+
+        if self.cerebellum_address is None:
+            raise RuntimeError("set_lesion: this run has no cerebellum actor")
+        with RemoteCerebellum(
+            self.cerebellum_address, ClientSecurity(token=self.token)
+        ) as client:
+            client.set_lesion(lesion)
+        logger.info("cerebellum actor lesioned: %s", lesion)
 
     def cerebellum_stats(self) -> dict[str, float]:
         import ray
@@ -740,8 +763,17 @@ def train_distributed(
     progress: bool = True,
     progress_interval: float = 10.0,
 ) -> dict[str, Any]:
-    """``ccdni train --distributed``: run, evaluate, write the run directory."""
+    """``ccdni train --distributed``: run, evaluate, write the run directory.
+
+    It stops the actors every ``eval_every`` epochs to evaluate (``curve.jsonl``
+    gets the in-process trainer's keys) and at the epochs of ``config.lesions``
+    to lesion the cerebellum actor (``cerebellum@E``: no more predictions;
+    ``olive@E``: frozen learning), so a run directory serves ``ccdni sweep`` and
+    ``ccdni compare`` as an in-process one does.
+    """
     from tqdm.auto import tqdm
+
+    from orchestrator.trainer import example_trajectories
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -765,13 +797,29 @@ def train_distributed(
         )
 
         reporter = ProgressLine(bar, interval_s=progress_interval, first_step=start)
-        record = cluster.run(start, steps, reporter)
+        per_epoch = cluster.stream.batches_per_epoch
+        lesions = {lesion.epoch * per_epoch: lesion.kind for lesion in config.lesions}
+        for step, kind in sorted(lesions.items()):
+            if step <= start:  # resumed past it: the restored actor must have it too
+                cluster.set_lesion(kind)
+        record = cluster.record
+        with (out / "curve.jsonl").open("a" if dist.resume else "w") as curve:
+            for stop in _segment_ends(start, steps, per_epoch, config, lesions):
+                record = cluster.run(start, stop, reporter)
+                start = stop
+                if stop in lesions:
+                    cluster.set_lesion(lesions[stop])
+                if _evaluates(stop, steps, per_epoch, config.eval_every):
+                    point = _curve_point(cluster, record, stop, per_epoch)
+                    curve.write(json.dumps(point) + "\n")
+                    curve.flush()
         bar.close()
         validation = cluster.evaluate("validation")
-        summary = _summary(cluster, record, validation, start, steps)
+        summary = _summary(cluster, record, validation, steps)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        with (out / "curve.jsonl").open("w") as curve:
-            curve.write(json.dumps(_curve_record(summary, validation, record)) + "\n")
+        if task.drawing:
+            trajectories = example_trajectories(cluster.gathered(), task.validation)
+            (out / "trajectories.json").write_text(json.dumps(trajectories))
         cluster.write_timeline(out / "timeline.json")
         with (out / "cerebellum.jsonl").open("w") as log:
             for sample in record.cerebellum_curve:
@@ -807,10 +855,71 @@ def _log_cerebellum_trend(record: RunRecord) -> None:
         )
 
 
-def _summary(cluster: Cluster, record: RunRecord, validation, start: int, steps: int):
+def fit_run(
+    config: TrainConfig,
+    task: TaskData,
+    out: str | Path,
+    dist: DistributedConfig | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """One training run into ``out``: in this process, or on Ray with ``dist``."""
+    if dist is None:
+        from orchestrator.trainer import Trainer
+
+        return Trainer(config, task).fit(out, progress=progress)
+    return train_distributed(config, dist, task, out, progress=progress)
+
+
+def _segment_ends(
+    start: int, steps: int, per_epoch: int, config: TrainConfig, lesions
+) -> list[int]:
+    """Where a run stops between ``start`` and ``steps``: every evaluation (each
+    ``eval_every`` epochs, and the end) and every lesion."""
+    every = max(1, config.eval_every) * per_epoch
+    ends = set(range(every, steps, every)) | {steps} | set(lesions)
+    return sorted(end for end in ends if start < end <= steps)
+
+
+def _evaluates(step: int, steps: int, per_epoch: int, eval_every: int) -> bool:
+    return step == steps or step % (max(1, eval_every) * per_epoch) == 0
+
+
+def _curve_point(
+    cluster: Cluster, record: RunRecord, step: int, per_epoch: int
+) -> dict[str, Any]:
+    """One line of ``curve.jsonl``, with the in-process trainer's keys."""
+    validation = cluster.evaluate("validation")
+    losses = [record.losses[s] for s in sorted(record.losses) if s < step]
+    point = {
+        "step": step,
+        "epoch": step / per_epoch,
+        "wall_seconds": record.wall_seconds,
+        "train_loss": losses[-1] if losses else None,
+        "validation_loss": validation["loss"],
+        "metric": validation["metric"],
+        "metric_name": validation["metric_name"],
+    }
+    for name in ("dysmetria", "overshoot", "tremor", "task_metrics"):
+        if name in validation:
+            point[name] = validation[name]
+    return point
+
+
+def _summary(cluster: Cluster, record: RunRecord, validation, steps: int):
     config = cluster.config
     losses = [record.losses[s] for s in sorted(record.losses)]
-    ran = steps - start
+    ran = len(losses)
+    test = cluster.evaluate("test")
+    extra = {}
+    if cluster.task.drawing:
+        extra["ataxia"] = {
+            name: validation[name] for name in ("dysmetria", "overshoot", "tremor")
+        }
+    if "task_metrics" in validation:
+        extra["task_metrics"] = {
+            "validation": validation["task_metrics"],
+            "test": test["task_metrics"],
+        }
     return {
         "task": config.task,
         "model": config.model,
@@ -824,27 +933,21 @@ def _summary(cluster: Cluster, record: RunRecord, validation, start: int, steps:
         "steps": steps,
         "epochs": steps / cluster.stream.batches_per_epoch,
         "wall_seconds": record.wall_seconds,
+        "seconds_per_epoch": record.wall_seconds
+        * cluster.stream.batches_per_epoch
+        / max(ran, 1),
         "steps_per_second": ran / record.wall_seconds if record.wall_seconds else None,
         "train_loss": losses[-1] if losses else None,
         "train_losses": losses,
         "validation_loss": validation["loss"],
         "validation_metric": validation["metric"],
+        "test_loss": test["loss"],
+        "test_metric": test["metric"],
         "metric_name": validation["metric_name"],
+        **extra,
         "restarts": record.restarts,
         "repeated_steps": record.repeated_steps,
         "cerebellum_restarts": record.cerebellum_restarts,
         "cerebellum": cluster.cerebellum_stats(),
         "config": config.to_dict(),
-    }
-
-
-def _curve_record(summary, validation, record: RunRecord) -> dict[str, Any]:
-    return {
-        "step": summary["steps"],
-        "epoch": summary["epochs"],
-        "wall_seconds": record.wall_seconds,
-        "train_loss": summary["train_loss"],
-        "validation_loss": validation["loss"],
-        "metric": validation["metric"],
-        "metric_name": validation["metric_name"],
     }

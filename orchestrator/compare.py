@@ -25,11 +25,19 @@ SUMMARY_COLUMNS = (
 
 
 def run_comparison(
-    base: TrainConfig, models: list[str], seeds: int, out: Path, progress: bool = True
+    base: TrainConfig,
+    models: list[str],
+    seeds: int,
+    out: Path,
+    progress: bool = True,
+    dist=None,
 ) -> None:
-    """Train every model for every seed; record the run directories."""
+    """Train every model for every seed; record the run directories.
+
+    ``dist`` (a ``DistributedConfig``) runs each on Ray instead of in this process.
+    """
+    from orchestrator.cluster import fit_run
     from orchestrator.tasks.registry import load_task
-    from orchestrator.trainer import Trainer
 
     out.mkdir(parents=True, exist_ok=True)
     runs = []
@@ -40,7 +48,7 @@ def run_comparison(
         for model in models:
             config = base.replace(model=model, seed=seed)
             run_dir = out / model / f"seed{seed}"
-            Trainer(config, task).fit(run_dir, progress=progress)
+            fit_run(config, task, run_dir, dist, progress=progress)
             runs.append(
                 {"model": model, "seed": seed, "dir": str(run_dir.relative_to(out))}
             )

@@ -26,6 +26,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,7 @@ def distributed_killed(
         cluster.run(0, kill_step)
         before = ray.get(cluster.chunks[0].progress.remote())["degraded_windows"]
         ray.kill(cluster.cerebellum, no_restart=True)
+        _wait_until_dead(cluster.cerebellum)  # ray.kill only asks; step 640 must not
         logger.info("killed the cerebellum actor after step %d", kill_step - 1)
         cluster.run(kill_step, steps)
         progress = ray.get(cluster.chunks[0].progress.remote())
@@ -99,6 +101,22 @@ def distributed_killed(
         "degraded_steps": progress["degraded_steps"],
         "first_degraded_step": steps - progress["degraded_steps"],
     }
+
+
+def _wait_until_dead(actor, timeout: float = 60.0) -> None:
+    """Return once ``actor`` answers no more calls (its process is gone)."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.pid.remote(), timeout=1.0)
+        except RayActorError:
+            return
+        except GetTimeoutError:
+            continue
+    raise TimeoutError(f"the killed actor still answered after {timeout:.0f} s")
 
 
 def compare_lesions(config: TrainConfig, steps: int, kill_step: int, out: Path) -> dict:

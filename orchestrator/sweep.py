@@ -144,10 +144,14 @@ def run_sweep(
     seeds: int,
     out: Path,
     progress: bool = True,
+    dist=None,
 ) -> list[dict[str, Any]]:
-    """Train every (value, model, seed) not already done; write ``sweep.json``."""
+    """Train every (value, model, seed) not already done; write ``sweep.json``.
+
+    ``dist`` (a ``DistributedConfig``) runs each on Ray instead of in this process.
+    """
+    from orchestrator.cluster import fit_run
     from orchestrator.tasks.registry import load_task
-    from orchestrator.trainer import Trainer
 
     out.mkdir(parents=True, exist_ok=True)
     plan = [
@@ -168,7 +172,7 @@ def run_sweep(
             "seed": seed,
             "dir": str(run_dir.relative_to(out)),
         }
-        if not _done(run_dir, config):
+        if not _done(run_dir, config, "in-process" if dist is None else dist.schedule):
             if seed not in tasks:
                 tasks = {
                     seed: load_task(
@@ -187,14 +191,15 @@ def run_sweep(
                 model,
                 seed,
             )
-            Trainer(config, tasks[seed]).fit(run_dir, progress=progress)
+            fit_run(config, tasks[seed], run_dir, dist, progress=progress)
         runs.append(record)
         _write_index(out, axis, values, models, seeds, runs)
     return runs
 
 
-def _done(run_dir: Path, config: TrainConfig) -> bool:
-    """Whether ``run_dir`` already holds a finished run of ``config``.
+def _done(run_dir: Path, config: TrainConfig, schedule: str = "in-process") -> bool:
+    """Whether ``run_dir`` already holds a finished run of ``config`` under
+    ``schedule`` (``in-process``, or the distributed schedule).
 
     A setting the stored run does not record (one added to TrainConfig since)
     counts as equal when ``config`` leaves it at its default.
@@ -202,7 +207,10 @@ def _done(run_dir: Path, config: TrainConfig) -> bool:
     path = run_dir / "summary.json"
     if not path.exists():
         return False
-    stored = json.loads(path.read_text()).get("config") or {}
+    summary = json.loads(path.read_text())
+    if summary.get("schedule", "in-process") != schedule:
+        return False
+    stored = summary.get("config") or {}
     wanted = config.to_dict()
     defaults = TrainConfig(task=config.task).to_dict()
     return all(
@@ -433,12 +441,13 @@ def plot_sweep(index: dict[str, Any], path: Path, key: str = "validation_loss") 
 
 def add_sweep_parser(commands) -> argparse.ArgumentParser:
     """Register ``ccdni sweep`` on the ``commands`` sub-parsers."""
-    from orchestrator.cli import add_training_options
+    from orchestrator.cli import add_distributed_options, add_training_options
 
     parser = commands.add_parser(
         "sweep", help="learning along one axis: truncation, granule layer or lesion"
     )
     add_training_options(parser)
+    add_distributed_options(parser)
     values = parser.add_argument_group("sweep axis (give exactly one)")
     for axis in AXES.values():
         values.add_argument(
@@ -458,7 +467,7 @@ def add_sweep_parser(commands) -> argparse.ArgumentParser:
 
 def run_sweep_command(args: argparse.Namespace) -> int:
     """``ccdni sweep``: train what is missing, then write the table and figure."""
-    from orchestrator.cli import config_from_args
+    from orchestrator.cli import config_from_args, experiment_distributed
 
     out = Path(args.out)
     if not args.plot_only:
@@ -481,6 +490,9 @@ def run_sweep_command(args: argparse.Namespace) -> int:
             for model in models:
                 if applies(axis, value, model):
                     base.replace(model=model, **axis.apply(base, value))
-        run_sweep(base, axis, values, models, args.seeds, out, not args.no_progress)
+        dist = experiment_distributed(args)
+        run_sweep(
+            base, axis, values, models, args.seeds, out, not args.no_progress, dist
+        )
     sys.stdout.write(write_sweep(out) + "\n")
     return 0

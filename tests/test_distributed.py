@@ -319,3 +319,67 @@ def test_killing_the_cerebellum_actor_is_the_in_process_cerebellar_lesion(tmp_pa
     gaps = record["differences"]
     assert gaps["before_vs_lesioned"] <= 1e-5  # intact until then, in both
     assert gaps["after_vs_lesioned"] <= 1e-5  # then the lesioned rule, in both
+
+
+def test_a_lesion_sweep_on_ray_equals_the_in_process_one(tmp_path):
+    from orchestrator.cli import main
+    from orchestrator.sweep import load_sweep
+
+    common = [
+        "sweep",
+        "--task",
+        "line",
+        "--lesions",
+        "intact,cerebellum@2,olive@2",
+        "--models",
+        "ccrnn",
+        "--seeds",
+        "1",
+        "--epochs",
+        "4",
+        "--eval-every",
+        "1",
+        "--n-train",
+        "200",
+        "--hidden",
+        "16",
+        "--granule-width",
+        "32",
+        "--lr",
+        "0.01",
+        "--cerebellum-lr",
+        "0.01",
+        "--no-progress",
+    ]
+    assert main([*common, "--out", str(tmp_path / "here")]) == 0
+    distributed = [
+        "--distributed",
+        "--schedule",
+        "locked",
+        "--cerebellum-learning",
+        "on_update",
+        "--checkpoint-every",
+        "0",
+    ]
+    assert main([*common, *distributed, "--out", str(tmp_path / "ray")]) == 0
+
+    here, ray = load_sweep(tmp_path / "here"), load_sweep(tmp_path / "ray")
+    # The olive lesion changes the run (the loss by about 1e-4 of itself, the
+    # tremor by a sixth), so equality below, at 1e-5 and 1e-3, says that the
+    # distributed lesion is the in-process one.
+    final = {r["value"]: r["summary"]["validation_loss"] for r in here["runs"]}
+    tremor = {r["value"]: r["summary"]["ataxia"]["tremor"] for r in here["runs"]}
+    assert abs(final["olive@2"] - final["intact"]) > 3e-5 * final["intact"]
+    assert abs(tremor["olive@2"] - tremor["intact"]) > 0.05 * tremor["intact"]
+    for a, b in zip(here["runs"], ray["runs"], strict=True):
+        assert a["value"] == b["value"]
+        assert b["summary"]["schedule"] == "locked"
+        assert [p["epoch"] for p in b["curve"]] == [1, 2, 3, 4]
+        for p, q in zip(a["curve"], b["curve"], strict=True):
+            assert q["validation_loss"] == pytest.approx(p["validation_loss"], rel=1e-5)
+            assert q["tremor"] == pytest.approx(p["tremor"], rel=1e-3)
+    stats = {r["value"]: r["summary"]["cerebellum"] for r in ray["runs"]}
+    assert stats["olive@2"]["lesion.olive"] == 1.0
+    assert stats["olive@2"]["rejected.olive_lesion"] > 0  # learning stopped
+    assert stats["cerebellum@2"]["lesion.cerebellum"] == 1.0
+    assert stats["cerebellum@2"]["predictions_lesioned"] > 0
