@@ -136,6 +136,7 @@ def test_differences_split_at_the_first_degraded_step():
     }
     assert lesions.differences(record) == {
         "before_vs_lesioned": 0.5,
+        "before_vs_intact": 0.5,
         "after_vs_lesioned": 0.25,
         "after_vs_intact": 3.0,
     }
