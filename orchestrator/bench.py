@@ -1576,7 +1576,8 @@ def findings(result: dict[str, Any]) -> list[str]:
         scaling = _probed(result, "core_scaling")
         if scaling:
             copies = scaling["config"]["copies"]
-            slowdown = copies / scaling["work_rate"]
+            # Above copies (the lone run timed on a slower moment): no slow-down.
+            slowdown = max(1.0, copies / scaling["work_rate"])
             ceiling = sum(compute.values()) / (compute[heavy] * slowdown)
             measured = (
                 f"one window's forward and backward pass of an upper chunk takes "
