@@ -48,6 +48,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=256, help="zone in = out")
     parser.add_argument("--granule-width", type=int, default=512)
     parser.add_argument("--batch", type=int, default=64, help="activity rows")
+    parser.add_argument(
+        "--context-size", type=int, default=0, help="context inputs of the zone (0)"
+    )
     parser.add_argument("--calls", type=int, default=500, help="timed calls a phase")
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument(
@@ -123,6 +126,7 @@ def run(args: argparse.Namespace) -> dict:
             "in_features": args.width,
             "out_features": args.width,
             "granule_width": args.granule_width,
+            "context_size": args.context_size,
             "seed": 1,
         }
     ]
@@ -130,11 +134,17 @@ def run(args: argparse.Namespace) -> dict:
     # (64, 256) activity, as the state of a chunk with 2·L·H = 256.
     activity = torch.randn(args.batch, args.width, generator=generator)
     feedback = torch.randn(args.batch, args.width, generator=generator) * 0.1
+    context = (
+        torch.randn(args.batch, args.context_size, generator=generator)
+        if args.context_size
+        else None
+    )
     results: dict = {
         "config": {
             "width": args.width,
             "granule_width": args.granule_width,
             "batch": args.batch,
+            "context_size": args.context_size,
             "calls": args.calls,
             "warmup": args.warmup,
             "server_torch_threads": args.server_torch_threads,
@@ -152,9 +162,13 @@ def run(args: argparse.Namespace) -> dict:
     }
 
     local = CerebellumConfig.from_dict({"zones": zones}).build()
+
+    def local_predict(index: int) -> None:
+        local.predict([Query(ZONE, ActivityKey(index, 0), activity, context)])
+
     results["phases"]["local"] = percentiles(
         time_calls(
-            lambda i: local.predict([Query(ZONE, ActivityKey(i, 0), activity)]),
+            local_predict,
             args.calls,
             args.warmup,
         )
@@ -168,7 +182,7 @@ def run(args: argparse.Namespace) -> dict:
         try:
             results["address"] = address
             results["phases"].update(
-                remote_phases(address, token, zones, activity, feedback, args)
+                remote_phases(address, token, zones, activity, feedback, context, args)
             )
         finally:
             process.terminate()
@@ -182,6 +196,7 @@ def remote_phases(
     zones: list[dict],
     activity: torch.Tensor,
     feedback: torch.Tensor,
+    context: torch.Tensor | None,
     args: argparse.Namespace,
 ) -> dict:
     phases = {}
@@ -190,7 +205,7 @@ def remote_phases(
         remote.configure(zones, cache_size=8192)
 
         def predict(index: int) -> None:
-            remote.predict([Query(ZONE, ActivityKey(index, 0), activity)])
+            remote.predict([Query(ZONE, ActivityKey(index, 0), activity, context)])
 
         phases["predict"] = percentiles(time_calls(predict, args.calls, args.warmup))
 
@@ -198,7 +213,7 @@ def remote_phases(
 
         def predict_and_learn(index: int) -> None:
             key = ActivityKey(10**6 + index, 0)
-            remote.predict([Query(ZONE, key, activity)])
+            remote.predict([Query(ZONE, key, activity, context)])
             remote.observe([Observation(ZONE, key, feedback)])
 
         samples = time_calls(predict_and_learn, args.calls, args.warmup)

@@ -1428,7 +1428,8 @@ def render_tables(result: dict[str, Any]) -> str:
         shape = latency["config"]
         lines += [
             "",
-            f"Predict of {shape['batch']} rows × {shape['width']} against a lone "
+            f"Predict of {shape['batch']} rows × {shape['width']} (and "
+            f"{shape.get('context_size', 0)} of context) against a lone "
             f"cerebellum server (granule layer {shape['granule_width']}), "
             f"{shape['calls']} calls, in ms:",
             "",
@@ -2065,8 +2066,15 @@ def measure_predict_latency(
     same call against a cerebellum server of its own, alone on the machine, and
     the microzone's forward pass in this process (the compute floor).
     """
+    from orchestrator.zones import context_size
+
     config = bench.train_config()
     rows = bench.batch_size * config.effective_truncation(task.seq_len)
+    context = (
+        context_size(config, task.output_size, task.seq_len)
+        if config.context_zones != "state"
+        else 0
+    )
     with tempfile.TemporaryDirectory(prefix="ccdni-predict-") as scratch:
         path = Path(scratch) / "predict.json"
         command = [
@@ -2079,6 +2087,8 @@ def measure_predict_latency(
             str(config.granule_width),
             "--batch",
             str(rows),
+            "--context-size",
+            str(context),
             "--calls",
             str(calls),
             "--warmup",

@@ -771,3 +771,28 @@ def test_remote_cerebellum_raises_for_bad_queries(cerebellum):
             remote.configure([{"name": ZONE}])
         assert remote.update() == {}
         assert remote.counters.get("degraded_calls") == 0
+
+
+def test_latency_tool_times_a_zone_with_context(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "predict.json"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cerebellum_service.bench",
+            *("--width", "8", "--granule-width", "8", "--batch", "4"),
+            *("--context-size", "3", "--calls", "5", "--warmup", "1"),
+            *("--json", str(out)),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    result = json.loads(out.read_text())
+    assert result["config"]["context_size"] == 3
+    assert set(result["phases"]) == {"local", "predict", "predict+learn"}
+    assert result["phases"]["predict+learn"]["observations_accepted"] == 6
