@@ -145,3 +145,16 @@ def test_report_on_a_directory_without_a_run_says_so(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["report", str(tmp_path)])
     assert "curve.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["compare", "sweep"])
+def test_experiments_on_ray_refuse_resume_and_say_what_to_do(tmp_path, capsys, command):
+    axis = ["--lesions", "intact"] if command == "sweep" else []
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [command, "--task", "line", "--models", "ccrnn", "--seeds", "1", *axis]
+            + ["--distributed", "--resume", str(tmp_path), "--out", str(tmp_path)]
+        )
+    assert exit_info.value.code == 2
+    assert "without --resume" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("summary.json"))  # nothing trained
