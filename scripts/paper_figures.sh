@@ -26,10 +26,10 @@ fi
 # Runs with identical configurations are shared between experiments instead of
 # trained twice: the intact line runs of the lesion sweep are also T = 1 of the
 # truncation sweep, width 400 of the granule sweep and the dense fan-in.
-link_intact() {  # link_intact SWEEP_DIR VALUE_DIR MODEL SEEDS
+link_intact() {  # link_intact SWEEP_DIR VALUE_DIR MODEL SEEDS [LESION_SWEEP]
   local target seed
   for seed in $(seq 0 $(($4 - 1))); do
-    target="$(cd "$RUNS" && pwd)/lesions-line/lesion-intact/$3/seed$seed"
+    target="$(cd "$RUNS" && pwd)/${5:-lesions-line}/lesion-intact/$3/seed$seed"
     mkdir -p "$RUNS/$1/$2/$3"
     ln -sfn "$target" "$RUNS/$1/$2/$3/seed$seed"
   done
@@ -59,6 +59,13 @@ if [[ $PLOT_ONLY == 0 ]]; then
   ccdni sweep --task digit-lines --truncation 2 --n-train 500 \
     --lesions intact,cerebellum@12,olive@12 --models ccrnn,crnn --seeds "$SEEDS" \
     --epochs 30 "${COMMON[@]}" --out "$RUNS/lesions-digit-lines"
+
+  # Truncation sweep on digit drawing, the lesion sweep's settings (T = 2 shared).
+  link_intact truncation-digit-lines truncation-2 ccrnn "$SEEDS" lesions-digit-lines
+  link_intact truncation-digit-lines truncation-2 crnn "$SEEDS" lesions-digit-lines
+  ccdni sweep --task digit-lines --n-train 500 --truncations 1,2,4,7,full \
+    --models ccrnn,crnn --seeds "$SEEDS" --epochs 30 "${COMMON[@]}" \
+    --out "$RUNS/truncation-digit-lines"
 
   # Representations over learning (seeds already recorded are kept).
   python -m orchestrator.representations --task line --seeds "$SEEDS" --epochs 100 \
