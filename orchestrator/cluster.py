@@ -205,6 +205,10 @@ class Cluster:
         self.cerebellum_address: str | None = None
         self.cerebellum_pid: int | None = None
         self._stopping = False
+        # Lesions by the step they take effect at (config.lesions in steps), and
+        # the step the chunks last reported, for re-lesioning a restored actor.
+        self.lesion_steps: dict[int, str] = {}
+        self._furthest = 0
         self.placement_group = None
         self.record = RunRecord()
         self._cerebellum_checkpoint = 0
@@ -491,6 +495,7 @@ class Cluster:
                     except RayActorError as error:
                         failed = refs[ref]
                         logger.warning("chunk %d failed: %s", failed, error)
+                self._furthest = furthest
                 self._watch_cerebellum()
                 furthest = max(furthest, self._report_progress(on_progress))
                 self._checkpoint_cerebellum(furthest)
@@ -569,6 +574,7 @@ class Cluster:
             )
         self.wire()
         step = self.restore_latest()
+        self.apply_lesions(step)
         repeated = max(0, furthest - step)
         self.record.repeated_steps += repeated
         logger.warning(
@@ -614,6 +620,7 @@ class Cluster:
         self.cerebellum_address = address
         ray.get([c.set_cerebellum.remote(address) for c in self.chunks])
         ray.get(self.cerebellum.set_restarts.remote(self.record.cerebellum_restarts))
+        self.apply_lesions(self._furthest)  # its checkpoint may predate a lesion
         self.write_service_discovery()
         logger.warning(
             "cerebellum restarted at %s (restored step %s); chunks rejoined",
@@ -646,24 +653,35 @@ class Cluster:
             chunk.load_state_dict(state)
         return trainer
 
-    def set_lesion(self, lesion: str | None) -> None:
-        """Lesion the cerebellum actor's service (``cerebellum`` or ``olive``).
+    def apply_lesions(self, step: int) -> None:
+        """Give the cerebellum actor the lesion due at ``step`` (see lesion_for).
 
         ``cerebellum``: it answers no predictions, so the chunks train as in
         degraded mode, which is what ``--lesion cerebellum@E`` does in one
         process (and what a stopped actor does; docs/experiments/lesions.md);
-        ``olive``: it predicts on with frozen weights.
+        ``olive``: it predicts on with frozen weights (``lesion_at`` combines
+        several). Called at every lesion step and after every restore, since a
+        checkpoint may predate a lesion.
         """
         from cerebellum_service.client import RemoteCerebellum
         from protos.service import ClientSecurity
 
-        if self.cerebellum_address is None:
-            raise RuntimeError("set_lesion: this run has no cerebellum actor")
-        with RemoteCerebellum(
-            self.cerebellum_address, ClientSecurity(token=self.token)
-        ) as client:
-            client.set_lesion(lesion)
-        logger.info("cerebellum actor lesioned: %s", lesion)
+        if not self.lesion_steps or self.cerebellum is None:
+            return
+        lesion = lesion_at(self.lesion_steps, step)
+        for attempt in range(3):
+            self._watch_cerebellum()  # a restarted actor has a new address
+            try:
+                with RemoteCerebellum(
+                    self.cerebellum_address, ClientSecurity(token=self.token)
+                ) as client:
+                    client.set_lesion(lesion)
+                break
+            except ConnectionError:
+                if attempt == 2:
+                    raise
+                self._await_alive(self.cerebellum)
+        logger.info("step %d: cerebellum actor lesion %s", step, lesion)
 
     def cerebellum_stats(self) -> dict[str, float]:
         import ray
@@ -798,17 +816,19 @@ def train_distributed(
 
         reporter = ProgressLine(bar, interval_s=progress_interval, first_step=start)
         per_epoch = cluster.stream.batches_per_epoch
-        lesions = {lesion.epoch * per_epoch: lesion.kind for lesion in config.lesions}
-        for step, kind in sorted(lesions.items()):
-            if step <= start:  # resumed past it: the restored actor must have it too
-                cluster.set_lesion(kind)
+        cluster.lesion_steps = lesion_steps(config.lesions, per_epoch)
+        cluster.apply_lesions(start)
+        kept = _curve_until(Path(dist.resume), start) if dist.resume else []
         record = cluster.record
-        with (out / "curve.jsonl").open("a" if dist.resume else "w") as curve:
-            for stop in _segment_ends(start, steps, per_epoch, config, lesions):
+        with (out / "curve.jsonl").open("w") as curve:
+            for line in kept:
+                curve.write(line + "\n")
+            ends = _segment_ends(start, steps, per_epoch, config, cluster.lesion_steps)
+            for stop in ends:
                 record = cluster.run(start, stop, reporter)
                 start = stop
-                if stop in lesions:
-                    cluster.set_lesion(lesions[stop])
+                if stop in cluster.lesion_steps:
+                    cluster.apply_lesions(stop)
                 if _evaluates(stop, steps, per_epoch, config.eval_every):
                     point = _curve_point(cluster, record, stop, per_epoch)
                     curve.write(json.dumps(point) + "\n")
@@ -855,6 +875,28 @@ def _log_cerebellum_trend(record: RunRecord) -> None:
         )
 
 
+def lesion_steps(lesions, per_epoch: int) -> dict[int, str]:
+    """``config.lesions`` by the step they take effect at (epoch E: step
+    E * per_epoch, before its first batch, as the trainer applies them); of two
+    at one step the cerebellar lesion, which outranks the olive's."""
+    steps: dict[int, str] = {}
+    for lesion in lesions:
+        at = lesion.epoch * per_epoch
+        if steps.get(at) != "cerebellum":
+            steps[at] = lesion.kind
+    return steps
+
+
+def lesion_at(steps: dict[int, str], step: int) -> str | None:
+    """The cerebellum's lesion from ``step`` on: ``cerebellum`` once any
+    cerebellar lesion has taken effect (nothing undoes it), else ``olive`` once
+    an olive lesion has, else None."""
+    kinds = {kind for at, kind in steps.items() if at <= step}
+    if "cerebellum" in kinds:
+        return "cerebellum"
+    return "olive" if "olive" in kinds else None
+
+
 def fit_run(
     config: TrainConfig,
     task: TaskData,
@@ -880,6 +922,21 @@ def _segment_ends(
     return sorted(end for end in ends if start < end <= steps)
 
 
+def _curve_until(run_dir: Path, step: int) -> list[str]:
+    """The lines of ``run_dir/curve.jsonl`` up to ``step`` (a resumed run's past)."""
+    path = run_dir / "curve.jsonl"
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return [line for line in lines if json.loads(line)["step"] <= step]
+
+
+def _epoch_loss(record: RunRecord, step: int, per_epoch: int) -> float | None:
+    """Mean training loss of the epoch before ``step``, as the trainer reports it."""
+    losses = [v for s, v in record.losses.items() if step - per_epoch <= s < step]
+    return sum(losses) / len(losses) if losses else None
+
+
 def _evaluates(step: int, steps: int, per_epoch: int, eval_every: int) -> bool:
     return step == steps or step % (max(1, eval_every) * per_epoch) == 0
 
@@ -889,12 +946,11 @@ def _curve_point(
 ) -> dict[str, Any]:
     """One line of ``curve.jsonl``, with the in-process trainer's keys."""
     validation = cluster.evaluate("validation")
-    losses = [record.losses[s] for s in sorted(record.losses) if s < step]
     point = {
         "step": step,
         "epoch": step / per_epoch,
         "wall_seconds": record.wall_seconds,
-        "train_loss": losses[-1] if losses else None,
+        "train_loss": _epoch_loss(record, step, per_epoch),
         "validation_loss": validation["loss"],
         "metric": validation["metric"],
         "metric_name": validation["metric_name"],
@@ -937,7 +993,7 @@ def _summary(cluster: Cluster, record: RunRecord, validation, steps: int):
         * cluster.stream.batches_per_epoch
         / max(ran, 1),
         "steps_per_second": ran / record.wall_seconds if record.wall_seconds else None,
-        "train_loss": losses[-1] if losses else None,
+        "train_loss": _epoch_loss(record, steps, cluster.stream.batches_per_epoch),
         "train_losses": losses,
         "validation_loss": validation["loss"],
         "validation_metric": validation["metric"],
@@ -948,6 +1004,7 @@ def _summary(cluster: Cluster, record: RunRecord, validation, steps: int):
         "restarts": record.restarts,
         "repeated_steps": record.repeated_steps,
         "cerebellum_restarts": record.cerebellum_restarts,
+        "cerebellum_learning": cluster.dist.cerebellum_learning,
         "cerebellum": cluster.cerebellum_stats(),
         "config": config.to_dict(),
     }

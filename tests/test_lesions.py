@@ -172,3 +172,35 @@ def test_lesion_figures_and_table_from_a_stored_sweep(tmp_path):
         ).read_text()
     )
     assert sorted(drawn) == [str(k) for k in range(7)]
+
+
+def test_distributed_lesion_schedule_combines_lesions_as_the_trainer_does():
+    from orchestrator.cluster import lesion_at, lesion_steps
+    from orchestrator.config import Lesion
+
+    steps = lesion_steps(
+        [Lesion("olive", 2), Lesion("cerebellum", 4), Lesion("olive", 6)], 10
+    )
+    assert steps == {20: "olive", 40: "cerebellum", 60: "olive"}
+    assert [lesion_at(steps, s) for s in (0, 19, 20, 39, 40, 60, 99)] == [
+        None,
+        None,
+        "olive",
+        "olive",
+        "cerebellum",
+        "cerebellum",  # a later olive lesion does not bring predictions back
+        "cerebellum",
+    ]
+    both = lesion_steps([Lesion("cerebellum", 3), Lesion("olive", 3)], 5)
+    assert both == {15: "cerebellum"}  # no predictions is the stronger lesion
+
+
+def test_a_resumed_run_keeps_only_its_past_evaluations(tmp_path):
+    import json
+
+    from orchestrator.cluster import _curve_until
+
+    lines = [json.dumps({"step": s, "validation_loss": 1.0 / s}) for s in (8, 16, 24)]
+    (tmp_path / "curve.jsonl").write_text("\n".join(lines) + "\n")
+    assert _curve_until(tmp_path, 16) == lines[:2]
+    assert _curve_until(tmp_path / "elsewhere", 16) == []
