@@ -112,8 +112,10 @@ class _Outbox:
         self._closed = False
 
     def put(self, item: Any, *, marker: bool = False) -> bool:
-        """Append; return False (item not taken) when the outbox is full."""
+        """Append; return False (item not taken) when full or closed."""
         with self._changed:
+            if self._closed:
+                return False
             if not marker:
                 if self._observations >= self.capacity:
                     return False
@@ -346,7 +348,7 @@ class RemoteCerebellum(FeedbackPredictor):
         learning ``on_update``). Otherwise nothing: the server learns in the
         background. Returns ``{}``: the losses stay on the server (``stats``).
         """
-        if not self.update_on_call or self._down:
+        if not self.update_on_call or self._down or self._closed.is_set():
             return {}
         self._outbox.put(_UPDATE, marker=True)
         if not self.flush(self.control_deadline_s):
@@ -428,7 +430,8 @@ class RemoteCerebellum(FeedbackPredictor):
         before the call (learning on them may still be running).
         """
         marker = _Flush()
-        self._outbox.put(marker, marker=True)
+        if not self._outbox.put(marker, marker=True):
+            return False  # closed: nothing will be sent any more
         return marker.done.wait(timeout) and marker.ok
 
     @property

@@ -431,6 +431,16 @@ class CerebellumServicer(pb_grpc.CerebellumServicer):
             # for the reply predicts with the updated weights.
             self.counters.add("update_requests")
             self._update(current)
+            if self._failed(current):
+                reject(
+                    context,
+                    grpc.StatusCode.INTERNAL,
+                    f"frame {index}: the update failed "
+                    f"({self._learner_error[1]!r}); Configure or Restore to start "
+                    "again",
+                    self.counters,
+                    "learner_failed",
+                )
 
     def _take_observation(
         self,

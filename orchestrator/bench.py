@@ -2070,8 +2070,9 @@ def measure_predict_latency(
 
     config = bench.train_config()
     rows = bench.batch_size * config.effective_truncation(task.seq_len)
+    labels = int(task.train.labels.max()) + 1  # as the cluster sizes its zones
     context = (
-        context_size(config, task.output_size, task.seq_len)
+        context_size(config, labels, task.seq_len)
         if config.context_zones != "state"
         else 0
     )
@@ -2122,7 +2123,7 @@ def _core_worker(shape: dict[str, int], start, seconds: float, results) -> None:
 
     for _ in range(5):
         window()
-    start.wait()  # every copy starts its timed loop together
+    start.wait(timeout=120)  # every copy starts its timed loop together
     samples, began = [], time.perf_counter()
     while time.perf_counter() - began < seconds:
         tic = time.perf_counter()
@@ -2175,6 +2176,9 @@ def measure_core_scaling(
         finally:
             for worker in workers:
                 worker.join(timeout=30)
+                if worker.is_alive():  # a copy stuck at the barrier or hung
+                    worker.terminate()
+                    worker.join(timeout=10)
 
     alone = run(1)[0]
     side = run(copies)
@@ -2283,7 +2287,7 @@ def _probe(measure, bench: BenchConfig, task: TaskData) -> dict[str, Any]:
     """Run one profile probe; a probe that fails is recorded as such, with why."""
     try:
         return measure(bench, task)
-    except (subprocess.SubprocessError, OSError, TimeoutError) as error:
+    except Exception as error:  # a probe's failure must not cost the runs above
         detail = getattr(error, "stderr", None)
         if isinstance(detail, bytes):
             detail = detail.decode(errors="replace")

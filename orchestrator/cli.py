@@ -169,7 +169,8 @@ def add_distributed_options(parser: argparse.ArgumentParser) -> None:
         default="background",
         help="when the cerebellum actor learns: as feedback arrives (background, "
         "default) or when the chunks' optimisers step, as in one process "
-        "(on_update: slower, but the run then equals the in-process trainer)",
+        "(on_update: slower, but a one-chunk run then equals the in-process "
+        "trainer)",
     )
     group.add_argument(
         "--prometheus-sd",

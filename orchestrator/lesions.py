@@ -86,7 +86,8 @@ def distributed_killed(
         cluster.run(0, kill_step)
         before = ray.get(cluster.chunks[0].progress.remote())["degraded_windows"]
         ray.kill(cluster.cerebellum, no_restart=True)
-        _wait_until_dead(cluster.cerebellum)  # ray.kill only asks; step 640 must not
+        # ray.kill only asks: the next step must not get a prediction any more.
+        _wait_until_dead(cluster.cerebellum)
         logger.info("killed the cerebellum actor after step %d", kill_step - 1)
         cluster.run(kill_step, steps)
         progress = ray.get(cluster.chunks[0].progress.remote())
@@ -116,6 +117,7 @@ def _wait_until_dead(actor, timeout: float = 60.0) -> None:
             return
         except GetTimeoutError:
             continue
+        time.sleep(0.05)  # still answering: ask again shortly
     raise TimeoutError(f"the killed actor still answered after {timeout:.0f} s")
 
 

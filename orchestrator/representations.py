@@ -262,7 +262,11 @@ def save_probe(
         for zone, by_key in probed.items()
         for key, value in by_key.items()
     }
-    np.savez_compressed(path, **arrays)
+    # Written aside and renamed: a seed counts as done once probe.npz exists.
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("wb") as handle:
+        np.savez_compressed(handle, **arrays)
+    partial.replace(path)
 
 
 def run_representations(config, seeds: int, out: Path, progress: bool = True) -> None:

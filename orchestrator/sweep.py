@@ -172,7 +172,7 @@ def run_sweep(
             "seed": seed,
             "dir": str(run_dir.relative_to(out)),
         }
-        if not _done(run_dir, config, "in-process" if dist is None else dist.schedule):
+        if not _done(run_dir, config, dist):
             if seed not in tasks:
                 tasks = {
                     seed: load_task(
@@ -197,9 +197,10 @@ def run_sweep(
     return runs
 
 
-def _done(run_dir: Path, config: TrainConfig, schedule: str = "in-process") -> bool:
-    """Whether ``run_dir`` already holds a finished run of ``config`` under
-    ``schedule`` (``in-process``, or the distributed schedule).
+def _done(run_dir: Path, config: TrainConfig, dist=None) -> bool:
+    """Whether ``run_dir`` already holds a finished run of ``config``, in this
+    process or (with ``dist``) on Ray with the same schedule, steps and
+    cerebellum learning.
 
     A setting the stored run does not record (one added to TrainConfig since)
     counts as equal when ``config`` leaves it at its default.
@@ -208,7 +209,14 @@ def _done(run_dir: Path, config: TrainConfig, schedule: str = "in-process") -> b
     if not path.exists():
         return False
     summary = json.loads(path.read_text())
-    if summary.get("schedule", "in-process") != schedule:
+    if summary.get("schedule", "in-process") != (
+        "in-process" if dist is None else dist.schedule
+    ):
+        return False
+    if dist is not None and (
+        summary.get("cerebellum_learning", "background") != dist.cerebellum_learning
+        or (dist.steps is not None and summary.get("steps") != dist.steps)
+    ):
         return False
     stored = summary.get("config") or {}
     wanted = config.to_dict()

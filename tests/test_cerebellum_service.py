@@ -796,3 +796,39 @@ def test_latency_tool_times_a_zone_with_context(tmp_path):
     assert result["config"]["context_size"] == 3
     assert set(result["phases"]) == {"local", "predict", "predict+learn"}
     assert result["phases"]["predict+learn"]["observations_accepted"] == 6
+
+
+def test_a_failed_update_on_request_is_answered_internal(monkeypatch):
+    servicer, server = start_cerebellum({**zone_config(), "learning": "on_update"})
+    try:
+        channel_stub = stub(server)
+        predict(channel_stub, query(activity(40), batch=1))
+
+        def broken():
+            raise RuntimeError("optimiser state lost")
+
+        monkeypatch.setattr(servicer._current.cerebellum, "update", broken)
+        with pytest.raises(grpc.RpcError) as caught:
+            channel_stub.Learn(
+                iter(
+                    [
+                        learn_request(torch.zeros(ROWS, WIDTH), batch=1),
+                        pb.LearnRequest(update=True),
+                    ]
+                ),
+                timeout=10,
+            )
+        assert caught.value.code() == grpc.StatusCode.INTERNAL
+        assert "optimiser state lost" in caught.value.details()
+        assert servicer.step == 0
+    finally:
+        server.stop(0)
+
+
+def test_a_closed_outbox_takes_nothing():
+    from cerebellum_service.client import _Flush, _Outbox
+
+    box = _Outbox(4)
+    assert box.put([pb.LearnRequest()])
+    assert box.close() and not box.put([pb.LearnRequest()])
+    assert not box.put(_Flush(), marker=True)  # a flush after close is refused
