@@ -791,7 +791,7 @@ def train_distributed(
     """
     from tqdm.auto import tqdm
 
-    from orchestrator.trainer import example_trajectories
+    from orchestrator.trainer import example_trajectories, summary_fields
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -820,6 +820,7 @@ def train_distributed(
         cluster.apply_lesions(start)
         kept = _curve_until(Path(dist.resume), start) if dist.resume else []
         record = cluster.record
+        final = None  # the gathered network at the last evaluation, and its result
         with (out / "curve.jsonl").open("w") as curve:
             for line in kept:
                 curve.write(line + "\n")
@@ -830,15 +831,21 @@ def train_distributed(
                 if stop in cluster.lesion_steps:
                     cluster.apply_lesions(stop)
                 if _evaluates(stop, steps, per_epoch, config.eval_every):
-                    point = _curve_point(cluster, record, stop, per_epoch)
+                    final = cluster.gathered()
+                    validation = final.evaluate(task.validation)
+                    point = _curve_point(record, stop, per_epoch, validation)
                     curve.write(json.dumps(point) + "\n")
                     curve.flush()
         bar.close()
-        validation = cluster.evaluate("validation")
-        summary = _summary(cluster, record, validation, steps)
+        if final is None:  # resumed at its last step: nothing ran, nothing evaluated
+            final = cluster.gathered()
+            validation = final.evaluate(task.validation)
+        # The last segment ends at ``steps`` and is evaluated: reuse that.
+        fields = summary_fields(validation, final.evaluate(task.test), task.drawing)
+        summary = _summary(cluster, record, fields, steps)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if task.drawing:
-            trajectories = example_trajectories(cluster.gathered(), task.validation)
+            trajectories = example_trajectories(final, task.validation)
             (out / "trajectories.json").write_text(json.dumps(trajectories))
         cluster.write_timeline(out / "timeline.json")
         with (out / "cerebellum.jsonl").open("w") as log:
@@ -942,40 +949,25 @@ def _evaluates(step: int, steps: int, per_epoch: int, eval_every: int) -> bool:
 
 
 def _curve_point(
-    cluster: Cluster, record: RunRecord, step: int, per_epoch: int
+    record: RunRecord, step: int, per_epoch: int, validation: dict[str, Any]
 ) -> dict[str, Any]:
     """One line of ``curve.jsonl``, with the in-process trainer's keys."""
-    validation = cluster.evaluate("validation")
-    point = {
+    from orchestrator.trainer import curve_fields
+
+    return {
         "step": step,
         "epoch": step / per_epoch,
         "wall_seconds": record.wall_seconds,
         "train_loss": _epoch_loss(record, step, per_epoch),
-        "validation_loss": validation["loss"],
-        "metric": validation["metric"],
-        "metric_name": validation["metric_name"],
+        **curve_fields(validation),
     }
-    for name in ("dysmetria", "overshoot", "tremor", "task_metrics"):
-        if name in validation:
-            point[name] = validation[name]
-    return point
 
 
-def _summary(cluster: Cluster, record: RunRecord, validation, steps: int):
+def _summary(cluster: Cluster, record: RunRecord, fields: dict, steps: int):
+    """``summary.json``; ``fields``: ``summary_fields`` of the final evaluation."""
     config = cluster.config
     losses = [record.losses[s] for s in sorted(record.losses)]
     ran = len(losses)
-    test = cluster.evaluate("test")
-    extra = {}
-    if cluster.task.drawing:
-        extra["ataxia"] = {
-            name: validation[name] for name in ("dysmetria", "overshoot", "tremor")
-        }
-    if "task_metrics" in validation:
-        extra["task_metrics"] = {
-            "validation": validation["task_metrics"],
-            "test": test["task_metrics"],
-        }
     return {
         "task": config.task,
         "model": config.model,
@@ -995,12 +987,7 @@ def _summary(cluster: Cluster, record: RunRecord, validation, steps: int):
         "steps_per_second": ran / record.wall_seconds if record.wall_seconds else None,
         "train_loss": _epoch_loss(record, steps, cluster.stream.batches_per_epoch),
         "train_losses": losses,
-        "validation_loss": validation["loss"],
-        "validation_metric": validation["metric"],
-        "test_loss": test["loss"],
-        "test_metric": test["metric"],
-        "metric_name": validation["metric_name"],
-        **extra,
+        **fields,
         "restarts": record.restarts,
         "repeated_steps": record.repeated_steps,
         "cerebellum_restarts": record.cerebellum_restarts,

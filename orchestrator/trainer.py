@@ -371,17 +371,10 @@ class Trainer:
             "epoch": epoch + 1,
             "wall_seconds": time.perf_counter() - started,
             "train_loss": train_loss,
-            "validation_loss": validation["loss"],
-            "metric": validation["metric"],
-            "metric_name": validation["metric_name"],
+            **curve_fields(validation),
         }
-        for name in ("dysmetria", "overshoot", "tremor"):
-            if name in validation:
-                record[name] = validation[name]
         if self.cerebellum is not None:
             record["cerebellum_loss"] = self.cerebellum_loss()
-        if "task_metrics" in validation:
-            record["task_metrics"] = validation["task_metrics"]
         return record
 
     def _summary(self, train_loss: float, wall: float, epoch_seconds: list) -> dict:
@@ -401,23 +394,48 @@ class Trainer:
             "wall_seconds": wall,
             "seconds_per_epoch": sum(epoch_seconds) / max(len(epoch_seconds), 1),
             "train_loss": train_loss,
-            "validation_loss": validation["loss"],
-            "validation_metric": validation["metric"],
-            "test_loss": test["loss"],
-            "test_metric": test["metric"],
-            "metric_name": validation["metric_name"],
+            **summary_fields(validation, test, self.task.drawing),
             "config": config.to_dict(),
         }
-        if self.task.drawing:
-            summary["ataxia"] = {
-                name: validation[name] for name in ("dysmetria", "overshoot", "tremor")
-            }
-        if "task_metrics" in validation:
-            summary["task_metrics"] = {
-                "validation": validation["task_metrics"],
-                "test": test["task_metrics"],
-            }
         return summary
+
+
+ATAXIA_MEASURES = ("dysmetria", "overshoot", "tremor")
+
+
+def curve_fields(validation: dict[str, Any]) -> dict[str, Any]:
+    """What a ``curve.jsonl`` line keeps of a validation: loss, metric, and the
+    ataxia measures and task metrics where the task has them."""
+    fields = {
+        "validation_loss": validation["loss"],
+        "metric": validation["metric"],
+        "metric_name": validation["metric_name"],
+    }
+    fields.update({n: validation[n] for n in ATAXIA_MEASURES if n in validation})
+    if "task_metrics" in validation:
+        fields["task_metrics"] = validation["task_metrics"]
+    return fields
+
+
+def summary_fields(
+    validation: dict[str, Any], test: dict[str, Any], drawing: bool
+) -> dict[str, Any]:
+    """What ``summary.json`` keeps of the final validation and test."""
+    fields: dict[str, Any] = {
+        "validation_loss": validation["loss"],
+        "validation_metric": validation["metric"],
+        "test_loss": test["loss"],
+        "test_metric": test["metric"],
+        "metric_name": validation["metric_name"],
+    }
+    if drawing:
+        fields["ataxia"] = {name: validation[name] for name in ATAXIA_MEASURES}
+    if "task_metrics" in validation:
+        fields["task_metrics"] = {
+            "validation": validation["task_metrics"],
+            "test": test["task_metrics"],
+        }
+    return fields
 
 
 def example_trajectories(
