@@ -87,7 +87,7 @@ def distributed_killed(
         before = ray.get(cluster.chunks[0].progress.remote())["degraded_windows"]
         ray.kill(cluster.cerebellum, no_restart=True)
         # ray.kill only asks: the next step must not get a prediction any more.
-        _wait_until_dead(cluster.cerebellum)
+        _wait_until_dead(cluster.cerebellum, cluster.cerebellum_address)
         logger.info("killed the cerebellum actor after step %d", kill_step - 1)
         cluster.run(kill_step, steps)
         progress = ray.get(cluster.chunks[0].progress.remote())
@@ -104,17 +104,25 @@ def distributed_killed(
     }
 
 
-def _wait_until_dead(actor, timeout: float = 60.0) -> None:
-    """Return once ``actor`` answers no more calls (its process is gone)."""
+def _wait_until_dead(actor, address: str, timeout: float = 60.0) -> None:
+    """Return once ``actor`` is dead to Ray and nothing listens on its gRPC
+    ``address`` any more: Ray marks a killed actor dead before its process has
+    exited, and until then the process still answers Predict."""
+    import socket
+
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError
 
     deadline = time.monotonic() + timeout
+    host, port = address.rsplit(":", 1)
     while time.monotonic() < deadline:
         try:
             ray.get(actor.pid.remote(), timeout=1.0)
         except RayActorError:
-            return
+            try:
+                socket.create_connection((host, int(port)), timeout=1.0).close()
+            except OSError:
+                return  # refused: the server's process is gone
         except GetTimeoutError:
             continue
         time.sleep(0.05)  # still answering: ask again shortly
