@@ -149,7 +149,9 @@ class LocalCerebellum(FeedbackPredictor):
         if cache_size < 1:
             raise ValueError(f"cache_size must be at least 1, got {cache_size}")
         self.zones = nn.ModuleDict(dict(zones))
-        self.optimizer = torch.optim.Adam(self.zones.parameters(), lr=lr)
+        # fused, as the chunks' (cortex_service.learning): half the time of an
+        # update of a small zone, which the server makes once per window.
+        self.optimizer = torch.optim.Adam(self.zones.parameters(), lr=lr, fused=True)
         self.cache_size = cache_size
         self.frozen = False  # inferior-olive lesion: predictions go on, learning stops
         self.stats: dict[str, ZoneStats] = {name: ZoneStats() for name in zones}

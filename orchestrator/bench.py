@@ -120,6 +120,8 @@ class BenchConfig:
         metrics: serve Prometheus ``/metrics`` from the actors, as a training run
             does (the bench itself reads nothing from it).
         timeline_seconds: seconds of the representative timelines to draw.
+        cerebellum_nice: how far decoupled's cerebellum lowers its CPU priority
+            (``--cerebellum-nice`` of training, the same default).
         profile: also time, alone on the machine and with the run's shapes, a
             cerebellum's Predict (``python -m cerebellum_service.bench``), one
             window's activity sent between two processes, and a chunk's compute
@@ -156,6 +158,7 @@ class BenchConfig:
     metrics: bool = True
     timeline_seconds: float | None = None
     profile: bool = False
+    cerebellum_nice: int = 10
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -178,6 +181,10 @@ class BenchConfig:
                 raise ConfigError(f"{flag} must be at least 1, got {value}")
         if self.warmup < 0:
             raise ConfigError(f"--warmup must be 0 or more, got {self.warmup}")
+        if not 0 <= self.cerebellum_nice <= 19:
+            raise ConfigError(
+                f"--cerebellum-nice must be in 0..19, got {self.cerebellum_nice}"
+            )
         if not self.schedules:
             raise ConfigError("--schedules is empty: name at least one schedule")
         unknown = [s for s in self.schedules if s not in ALL_SCHEDULES]
@@ -317,6 +324,7 @@ class RaySchedule:
             cpus_per_actor=placement.cpus_per_actor,
             gpus=placement.gpus,
             metrics=bench.metrics,
+            cerebellum_nice=bench.cerebellum_nice,
         )
         self.cluster = Cluster(config, dist, task, scratch / f"{name}-k{config.chunks}")
         self._pids: dict[str, int] = {}
@@ -2408,6 +2416,12 @@ def add_bench_parser(commands) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--timeline-seconds", type=float, help="seconds of each timeline plot"
+    )
+    parser.add_argument(
+        "--cerebellum-nice",
+        type=int,
+        help="lower decoupled's cerebellum's CPU priority by this much (0-19, "
+        "default 10, as in training)",
     )
     parser.add_argument(
         "--profile",

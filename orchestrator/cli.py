@@ -173,6 +173,13 @@ def add_distributed_options(parser: argparse.ArgumentParser) -> None:
         "trainer)",
     )
     group.add_argument(
+        "--cerebellum-nice",
+        type=int,
+        default=10,
+        help="lower the cerebellum actor's CPU priority by this much (0-19, "
+        "default 10): where it shares cores with chunks they get them first",
+    )
+    group.add_argument(
         "--prometheus-sd",
         metavar="FILE",
         help="write the Prometheus file_sd list of actor endpoints here "
@@ -197,6 +204,7 @@ def distributed_from_args(args: argparse.Namespace):
         metrics=args.metrics,
         prometheus_sd=args.prometheus_sd,
         cerebellum_learning=args.cerebellum_learning,
+        cerebellum_nice=args.cerebellum_nice,
     )
 
 

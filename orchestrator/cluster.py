@@ -69,6 +69,10 @@ class DistributedConfig:
             waiting for it; with one chunk that is where the in-process
             trainer's cerebellum learns, with K chunks it makes K updates per
             batch; see ``cerebellum_service.config.LEARNING``).
+        cerebellum_nice: how far the cerebellum actor lowers its CPU priority
+            (0 to 19; 0 leaves it). Its work has slack where a chunk's has
+            none, so where they share cores the chunks should win them; on
+            cores of its own the cerebellum runs as fast at any priority.
     """
 
     schedule: str = "decoupled"
@@ -86,8 +90,14 @@ class DistributedConfig:
     metrics: bool = True
     prometheus_sd: str | None = None
     cerebellum_learning: str = "background"
+    cerebellum_nice: int = 10
 
     def __post_init__(self) -> None:
+        if not 0 <= self.cerebellum_nice <= 19:
+            raise ConfigError(
+                f"--cerebellum-nice must be in 0..19 (0: the chunks' priority), "
+                f"got {self.cerebellum_nice}"
+            )
         if self.schedule not in SCHEDULES:
             raise ConfigError(
                 f"--schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}"
@@ -363,6 +373,7 @@ class Cluster:
             ],
             "lr": self.config.cerebellum_lr,
             "learning": self.dist.cerebellum_learning,
+            "nice": self.dist.cerebellum_nice,
             "token": self.token,
             "threads": self.config.threads,
             "metrics": self.dist.metrics,

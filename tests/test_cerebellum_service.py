@@ -832,3 +832,53 @@ def test_a_closed_outbox_takes_nothing():
     assert box.put([pb.LearnRequest()])
     assert box.close() and not box.put([pb.LearnRequest()])
     assert not box.put(_Flush(), marker=True)  # a flush after close is refused
+
+
+def thread_niceness(pid: int | str = "self") -> dict[int, int]:
+    """Niceness of every thread of a process, from /proc (field 19 of stat)."""
+    import os
+
+    values = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        values[int(tid)] = int(fields[16])
+    return values
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="Linux")
+def test_lower_priority_reaches_threads_that_exist_and_those_started_later():
+    import subprocess
+    import sys
+
+    script = """
+import json, os, threading, time
+from cerebellum_service.actor import lower_priority
+from tests.test_cerebellum_service import thread_niceness
+base = os.getpriority(os.PRIO_PROCESS, 0)
+stop = threading.Event()
+early = threading.Thread(target=stop.wait)
+early.start()
+now = lower_priority(3)
+late = threading.Thread(target=stop.wait)
+late.start()
+print(json.dumps({"base": base, "now": now, "threads": thread_niceness(),
+                  "capped": lower_priority(40)}))
+stop.set()
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout
+    result = __import__("json").loads(out)
+    expected = min(19, result["base"] + 3)
+    assert result["now"] == expected
+    assert len(result["threads"]) >= 3  # main, early, late (and torch's own)
+    assert set(result["threads"].values()) == {expected}
+    assert result["capped"] == 19
+
+
+def test_lower_priority_refuses_to_raise_it():
+    from cerebellum_service.actor import lower_priority
+
+    with pytest.raises(ValueError, match="at least 0"):
+        lower_priority(-1)

@@ -266,6 +266,32 @@ def test_killed_cerebellum_degrades_the_chunks_then_they_rejoin(tmp_path):
         cluster.shutdown()
 
 
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="Linux")
+def test_the_cerebellum_actor_runs_below_the_chunks_priority(tmp_path):
+    import ray
+
+    from tests.test_cerebellum_service import thread_niceness
+
+    config = small_config(model="ccrnn")
+    cluster = Cluster(
+        config,
+        DistributedConfig(schedule="decoupled", checkpoint_every=0, cerebellum_nice=7),
+        task_for(config),
+        tmp_path,
+    )
+    cluster.start()
+    try:
+        cluster.run(0, 2)  # every server and learner thread has started
+        chunk = set(thread_niceness(ray.get(cluster.chunks[0].pid.remote())).values())
+        cerebellum = set(thread_niceness(cluster.cerebellum_pid).values())
+    finally:
+        cluster.shutdown()
+    # Ray runs some of its own threads at a lower priority already (15 here);
+    # each of the cerebellum's is 7 below its counterpart's in a chunk.
+    assert 0 in chunk
+    assert cerebellum == {min(19, value + 7) for value in chunk}
+
+
 def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path):
     config = small_config()
     task = task_for(config)
