@@ -18,6 +18,7 @@ from cerebellum_service.config import CerebellumConfig
 from cerebellum_service.servicer import CerebellumServicer, add_to_server
 from protos import checkpoint as ckpt
 from protos.metrics import metrics_for
+from protos.process import keep_freed_memory, lower_priority
 from protos.service import ServerSecurity, start_server
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class CerebellumActor:
         # Before any server thread exists: threads inherit their creator's
         # priority, so everything this actor starts runs at the lowered one.
         self.nice = lower_priority(int(spec.get("nice", 0)))
+        keep_freed_memory()
         torch.set_num_threads(int(spec.get("threads", 1)))
         config = CerebellumConfig.from_dict(
             {
@@ -192,39 +194,6 @@ class CerebellumActor:
     def shutdown(self) -> None:
         self.server.stop(grace=1.0)
         self.metrics.stop()
-
-
-def lower_priority(increment: int) -> int:
-    """Lower the CPU priority of every thread of this process by ``increment``.
-
-    The cerebellum's work is off the chunks' critical path (a chunk takes a
-    window's prediction one window later, and learning runs beside), so where
-    it shares cores with chunks it should yield them: a chunk that waits for a
-    core delays every chunk above it, a prediction that waits has a window of
-    slack. Only contention changes anything; a process alone on its cores runs
-    as fast at any priority. Linux priorities are per thread, hence the loop
-    over ``/proc/self/task``; elsewhere ``os.nice`` lowers the process.
-
-    Returns:
-        the niceness of the calling thread afterwards (0 to 19); the increment
-        is capped where it would pass 19. Raising a priority back would need
-        privileges, so this only ever lowers it.
-    """
-    if increment < 0:
-        raise ValueError(f"nice increment must be at least 0, got {increment}")
-    if increment == 0:
-        return os.getpriority(os.PRIO_PROCESS, 0)
-    tasks = "/proc/self/task"
-    if not os.path.isdir(tasks):
-        return os.nice(increment)
-    for name in os.listdir(tasks):
-        tid = int(name)
-        try:
-            current = os.getpriority(os.PRIO_PROCESS, tid)
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, current + increment))
-        except (ProcessLookupError, PermissionError):
-            continue  # a thread that ended meanwhile
-    return os.getpriority(os.PRIO_PROCESS, 0)
 
 
 def node_address() -> str:

@@ -35,6 +35,7 @@ from cortex_service.servicer import (
 )
 from protos import checkpoint as ckpt
 from protos.metrics import metrics_for
+from protos.process import keep_freed_memory
 from protos.service import ClientSecurity, ServerSecurity, start_server
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ class ChunkActor:
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
         torch.set_num_threads(config.threads)
+        keep_freed_memory()
         self.config = config
         self.index = config.spec.index
         self.name = chunk_name(self.index)

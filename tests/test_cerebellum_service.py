@@ -853,7 +853,7 @@ def test_lower_priority_reaches_threads_that_exist_and_those_started_later():
 
     script = """
 import json, os, threading, time
-from cerebellum_service.actor import lower_priority
+from protos.process import lower_priority
 from tests.test_cerebellum_service import thread_niceness
 base = os.getpriority(os.PRIO_PROCESS, 0)
 stop = threading.Event()
@@ -878,7 +878,41 @@ stop.set()
 
 
 def test_lower_priority_refuses_to_raise_it():
-    from cerebellum_service.actor import lower_priority
+    from protos.process import lower_priority
 
     with pytest.raises(ValueError, match="at least 0"):
         lower_priority(-1)
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc")
+def test_freed_window_buffers_stay_in_the_process():
+    import subprocess
+    import sys
+
+    # Window-sized buffers, each a page larger than the last: glibc maps every
+    # one afresh (each is above the threshold the previous free set), so every
+    # page faults in again, unless freed memory stays in the heap.
+    script = """
+import resource, sys
+from protos.process import keep_freed_memory
+if sys.argv[1] == "tuned":
+    assert keep_freed_memory()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for step in range(200):
+    buffer = bytearray(b"\\1") * (448 * 1024 + step * 4096)
+    del buffer
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+    faults = {
+        mode: int(
+            subprocess.run(
+                [sys.executable, "-c", script, mode],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+        for mode in ("default", "tuned")
+    }
+    assert faults["default"] > 200 * 112  # a 448 KiB buffer is 112 pages
+    assert faults["tuned"] * 20 < faults["default"]

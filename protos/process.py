@@ -1,0 +1,91 @@
+"""Settings of an actor's own process, applied once when it starts.
+
+Neither changes what an actor computes, only how its process shares the
+machine: :func:`lower_priority` lets the chunks win cores from the cerebellum
+where they share them, :func:`keep_freed_memory` stops the allocator from
+handing window-sized buffers back to the kernel after every use.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import sys
+
+logger = logging.getLogger(__name__)
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+# Blocks up to this size come from the heap, not from a mapping of their own
+# (glibc's largest allowed value on 64-bit machines).
+MMAP_THRESHOLD = 32 << 20
+# Free memory at the top of a heap is returned to the kernel only beyond this.
+TRIM_THRESHOLD = 256 << 20
+
+
+def lower_priority(increment: int) -> int:
+    """Lower the CPU priority of every thread of this process by ``increment``.
+
+    The cerebellum's work is off the chunks' critical path (a chunk takes a
+    window's prediction one window later, and learning runs beside), so where
+    it shares cores with chunks it should yield them: a chunk that waits for a
+    core delays every chunk above it, a prediction that waits has a window of
+    slack. Only contention changes anything; a process alone on its cores runs
+    as fast at any priority. Linux priorities are per thread, hence the loop
+    over ``/proc/self/task``; elsewhere ``os.nice`` lowers the process.
+
+    Returns:
+        the niceness of the calling thread afterwards (0 to 19); the increment
+        is capped where it would pass 19. Raising a priority back would need
+        privileges, so this only ever lowers it.
+    """
+    if increment < 0:
+        raise ValueError(f"nice increment must be at least 0, got {increment}")
+    if increment == 0:
+        return os.getpriority(os.PRIO_PROCESS, 0)
+    tasks = "/proc/self/task"
+    if not os.path.isdir(tasks):
+        return os.nice(increment)
+    for name in os.listdir(tasks):
+        tid = int(name)
+        try:
+            current = os.getpriority(os.PRIO_PROCESS, tid)
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, current + increment))
+        except (ProcessLookupError, PermissionError):
+            continue  # a thread that ended meanwhile
+    return os.getpriority(os.PRIO_PROCESS, 0)
+
+
+def keep_freed_memory() -> bool:
+    """Keep freed window-sized buffers in the process for the next window.
+
+    A window's tensors and messages are a few hundred KiB to a few MiB each:
+    above glibc's initial mapping threshold, so each one was mapped on
+    allocation and unmapped when freed, and every page of the next window's
+    buffers faulted in again, zeroed by the kernel. A chunk that sends and asks
+    the cerebellum every window took about 46,000 page faults a second that
+    way (``ccdni bench``'s default configuration), 4 ms of CPU per step; with
+    these thresholds about 1,000. The cost is that a process keeps the memory
+    of its largest step until it exits.
+
+    Returns:
+        whether the allocator took the settings (glibc only; elsewhere nothing
+        changes and this returns ``False``).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    applied = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    )
+    if not applied:
+        logger.warning("the allocator refused mallopt; buffers stay mapped per use")
+    return applied
