@@ -1311,6 +1311,12 @@ def describe_setup(result: dict[str, Any]) -> str:
                 if config.get("output_context")
                 else ""
             )
+            + (
+                f", its process at nice {config['cerebellum_nice']} "
+                "(`--cerebellum-nice`)"
+                if config.get("cerebellum_nice")
+                else ""
+            )
             + "; Prometheus /metrics "
             + ("served by every actor" if config.get("metrics", True) else "off"),
             f"- {config['repeats']} runs of {config['steps']} steps per contender, "

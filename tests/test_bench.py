@@ -306,6 +306,8 @@ def test_flags_override_quick_and_quick_overrides_the_defaults():
     assert parse("--granule-width", "512").train_config().granule_width == 512
     assert parse().train_config().context_zones == "output"
     assert not parse("--no-output-context").train_config().time_context
+    assert parse().cerebellum_nice == 10
+    assert parse("--cerebellum-nice", "0").cerebellum_nice == 0
 
 
 @pytest.mark.parametrize(
@@ -316,6 +318,7 @@ def test_flags_override_quick_and_quick_overrides_the_defaults():
         (dict(steps=0), "--steps"),
         (dict(model="gru"), "--model"),
         (dict(micro_batches=128), "--micro-batches"),
+        (dict(cerebellum_nice=20), "--cerebellum-nice"),
     ],
 )
 def test_bad_settings_name_their_flag(changes, flag):

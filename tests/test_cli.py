@@ -130,6 +130,7 @@ def test_task_defaults_apply_and_flags_override():
         (["--lesion", "brain@1"], "--lesion"),
         (["--feedback-scale", "-1"], "--feedback-scale"),
         (["--model", "crnn", "--lesion", "cerebellum@1"], "--lesion"),
+        (["--distributed", "--cerebellum-nice", "25"], "--cerebellum-nice"),
     ],
 )
 def test_bad_config_names_the_flag(tmp_path, capsys, argv, flag):
