@@ -42,6 +42,10 @@ RAY_DEFAULTS = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_AUTH_MODE": "disabled",
+    # A local cluster's workers start at niceness 0, not Ray's 15, so that the
+    # cerebellum's --cerebellum-nice 10 puts it 10 steps below the chunks
+    # rather than at the cap of 19, 4 below (a cluster joined keeps its own).
+    "RAY_worker_niceness": "0",
 }
 
 
