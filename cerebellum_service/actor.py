@@ -24,6 +24,8 @@ from protos.service import ServerSecurity, start_server
 logger = logging.getLogger(__name__)
 
 ACTOR_NAME = "cerebellum"
+# The background learner runs this far below the actor's Predict threads.
+LEARNER_NICE = 5
 
 # Per-microzone statistics of the servicer and the metric each becomes.
 ZONE_METRICS = {
@@ -78,7 +80,7 @@ class CerebellumActor:
                 "learning": spec.get("learning", "background"),
             }
         )
-        self.servicer = CerebellumServicer(config)
+        self.servicer = CerebellumServicer(config, learner_nice=LEARNER_NICE)
         host = spec.get("host") or node_address()
         self.metrics = metrics_for(
             spec.get("metrics", True), spec.get("run", ""), ACTOR_NAME
