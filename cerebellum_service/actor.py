@@ -24,8 +24,6 @@ from protos.service import ServerSecurity, start_server
 logger = logging.getLogger(__name__)
 
 ACTOR_NAME = "cerebellum"
-# The background learner runs this far below the actor's Predict threads.
-LEARNER_NICE = 5
 
 # Per-microzone statistics of the servicer and the metric each becomes.
 ZONE_METRICS = {
@@ -80,7 +78,7 @@ class CerebellumActor:
                 "learning": spec.get("learning", "background"),
             }
         )
-        self.servicer = CerebellumServicer(config, learner_nice=LEARNER_NICE)
+        self.servicer = CerebellumServicer(config)
         host = spec.get("host") or node_address()
         self.metrics = metrics_for(
             spec.get("metrics", True), spec.get("run", ""), ACTOR_NAME

@@ -59,7 +59,6 @@ from protos.codec import (
     decode,
     encode,
 )
-from protos.process import lower_thread_priority
 from protos.service import (
     Counters,
     RequestError,
@@ -143,8 +142,6 @@ class CerebellumServicer(pb_grpc.CerebellumServicer):
             (relative paths are taken from it); otherwise any path the process
             can reach.
         max_zone_parameters: largest microzone ``Configure`` may ask for.
-        learner_nice: how far the background learner thread lowers its own CPU
-            priority below the threads that answer Predict (Linux; 0: not).
 
     Call ``close`` when done (``start_server``'s ``on_stop`` does).
     """
@@ -155,9 +152,7 @@ class CerebellumServicer(pb_grpc.CerebellumServicer):
         *,
         checkpoint_dir: str | Path | None = None,
         max_zone_parameters: int = MAX_ZONE_PARAMETERS,
-        learner_nice: int = 0,
     ) -> None:
-        self.learner_nice = learner_nice
         self.counters = Counters(
             [*_COUNTERS, *(f"rejected.{reason}" for reason in REJECTION_REASONS)]
         )
@@ -252,9 +247,6 @@ class CerebellumServicer(pb_grpc.CerebellumServicer):
     # Learner thread ----------------------------------------------------------------
 
     def _learn_loop(self) -> None:
-        # Below the threads that answer Predict: a chunk takes an answer one
-        # window after asking, while background learning can lag further.
-        lower_thread_priority(self.learner_nice)
         while True:
             self._wake.wait()
             if self._closing:

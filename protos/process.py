@@ -13,7 +13,6 @@ import ctypes.util
 import logging
 import os
 import sys
-import threading
 
 logger = logging.getLogger(__name__)
 
@@ -58,22 +57,6 @@ def lower_priority(increment: int) -> int:
         except (ProcessLookupError, PermissionError):
             continue  # a thread that ended meanwhile
     return os.getpriority(os.PRIO_PROCESS, 0)
-
-
-def lower_thread_priority(increment: int) -> bool:
-    """Lower the CPU priority of the calling thread only, by ``increment``.
-
-    Linux keeps a priority per thread; elsewhere the call would lower the
-    whole process, so it changes nothing there and returns ``False``.
-    """
-    if increment < 0:
-        raise ValueError(f"nice increment must be at least 0, got {increment}")
-    if increment == 0 or not os.path.isdir("/proc/self/task"):
-        return False
-    tid = threading.get_native_id()
-    current = os.getpriority(os.PRIO_PROCESS, tid)
-    os.setpriority(os.PRIO_PROCESS, tid, min(19, current + increment))
-    return True
 
 
 def keep_freed_memory() -> bool:

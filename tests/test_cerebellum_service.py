@@ -877,35 +877,6 @@ stop.set()
     assert result["capped"] == 19
 
 
-@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="Linux")
-def test_lower_thread_priority_leaves_the_other_threads_alone():
-    import subprocess
-    import sys
-
-    script = """
-import json, os, threading
-from protos.process import lower_thread_priority
-base = os.getpriority(os.PRIO_PROCESS, 0)
-seen = {}
-def work():
-    seen["lowered"] = lower_thread_priority(4)
-    seen["tid"] = threading.get_native_id()
-    seen["own"] = os.getpriority(os.PRIO_PROCESS, seen["tid"])
-thread = threading.Thread(target=work)
-thread.start()
-thread.join()
-seen["main"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-seen["base"] = base
-print(json.dumps(seen))
-"""
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True
-    ).stdout
-    seen = __import__("json").loads(out)
-    assert seen["lowered"] and seen["own"] == min(19, seen["base"] + 4)
-    assert seen["main"] == seen["base"]
-
-
 def test_lower_priority_refuses_to_raise_it():
     from protos.process import lower_priority
 
