@@ -68,7 +68,7 @@ class CerebellumActor:
         )
         # Before any server thread exists: threads inherit their creator's
         # priority, so everything this actor starts runs at the lowered one.
-        self.nice = lower_priority(int(spec.get("nice", 0)))
+        lower_priority(int(spec.get("nice", 0)))
         keep_freed_memory()
         torch.set_num_threads(int(spec.get("threads", 1)))
         config = CerebellumConfig.from_dict(

@@ -181,10 +181,9 @@ class BenchConfig:
                 raise ConfigError(f"{flag} must be at least 1, got {value}")
         if self.warmup < 0:
             raise ConfigError(f"--warmup must be 0 or more, got {self.warmup}")
-        if not 0 <= self.cerebellum_nice <= 19:
-            raise ConfigError(
-                f"--cerebellum-nice must be in 0..19, got {self.cerebellum_nice}"
-            )
+        from orchestrator.cluster import check_cerebellum_nice
+
+        check_cerebellum_nice(self.cerebellum_nice)
         if not self.schedules:
             raise ConfigError("--schedules is empty: name at least one schedule")
         unknown = [s for s in self.schedules if s not in ALL_SCHEDULES]

@@ -97,11 +97,7 @@ class DistributedConfig:
     cerebellum_nice: int = 10
 
     def __post_init__(self) -> None:
-        if not 0 <= self.cerebellum_nice <= 19:
-            raise ConfigError(
-                f"--cerebellum-nice must be in 0..19 (0: the chunks' priority), "
-                f"got {self.cerebellum_nice}"
-            )
+        check_cerebellum_nice(self.cerebellum_nice)
         if self.schedule not in SCHEDULES:
             raise ConfigError(
                 f"--schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}"
@@ -135,6 +131,18 @@ class DistributedConfig:
             raise ConfigError(
                 f"--cpus-per-actor must be in (0, 64], got {self.cpus_per_actor}"
             )
+
+
+def check_cerebellum_nice(value: int) -> None:
+    """ConfigError naming ``--cerebellum-nice`` unless ``value`` is a niceness
+    step the cerebellum actor can take (training's and the bench's flag)."""
+    from protos.process import MAX_NICE
+
+    if not 0 <= value <= MAX_NICE:
+        raise ConfigError(
+            f"--cerebellum-nice must be in 0..{MAX_NICE} (0: the chunks' "
+            f"priority), got {value}"
+        )
 
 
 def connect_ray(address: str | None) -> None:

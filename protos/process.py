@@ -16,6 +16,8 @@ import sys
 
 logger = logging.getLogger(__name__)
 
+# The lowest CPU priority (highest niceness) Linux and POSIX systems allow.
+MAX_NICE = 19
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -38,9 +40,9 @@ def lower_priority(increment: int) -> int:
     over ``/proc/self/task``; elsewhere ``os.nice`` lowers the process.
 
     Returns:
-        the niceness of the calling thread afterwards (0 to 19); the increment
-        is capped where it would pass 19. Raising a priority back would need
-        privileges, so this only ever lowers it.
+        the niceness of the calling thread afterwards (0 to ``MAX_NICE``); the
+        increment is capped where it would pass ``MAX_NICE``. Raising a
+        priority back would need privileges, so this only ever lowers it.
     """
     if increment < 0:
         raise ValueError(f"nice increment must be at least 0, got {increment}")
@@ -53,7 +55,7 @@ def lower_priority(increment: int) -> int:
         tid = int(name)
         try:
             current = os.getpriority(os.PRIO_PROCESS, tid)
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, current + increment))
+            os.setpriority(os.PRIO_PROCESS, tid, min(MAX_NICE, current + increment))
         except (ProcessLookupError, PermissionError):
             continue  # a thread that ended meanwhile
     return os.getpriority(os.PRIO_PROCESS, 0)

@@ -834,18 +834,6 @@ def test_a_closed_outbox_takes_nothing():
     assert not box.put(_Flush(), marker=True)  # a flush after close is refused
 
 
-def thread_niceness(pid: int | str = "self") -> dict[int, int]:
-    """Niceness of every thread of a process, from /proc (field 19 of stat)."""
-    import os
-
-    values = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        values[int(tid)] = int(fields[16])
-    return values
-
-
 @pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="Linux")
 def test_lower_priority_reaches_threads_that_exist_and_those_started_later():
     import subprocess
@@ -854,7 +842,7 @@ def test_lower_priority_reaches_threads_that_exist_and_those_started_later():
     script = """
 import json, os, threading, time
 from protos.process import lower_priority
-from tests.test_cerebellum_service import thread_niceness
+from tests.helpers import thread_niceness
 base = os.getpriority(os.PRIO_PROCESS, 0)
 stop = threading.Event()
 early = threading.Thread(target=stop.wait)

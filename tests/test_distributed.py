@@ -13,7 +13,7 @@ from orchestrator.config import TrainConfig
 from orchestrator.tasks.registry import load_task
 from orchestrator.trainer import Trainer
 from protos import checkpoint as ckpt
-from tests.helpers import wait_until
+from tests.helpers import thread_niceness, wait_until
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -269,8 +269,6 @@ def test_killed_cerebellum_degrades_the_chunks_then_they_rejoin(tmp_path):
 @pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="Linux")
 def test_the_cerebellum_actor_runs_below_the_chunks_priority(tmp_path):
     import ray
-
-    from tests.test_cerebellum_service import thread_niceness
 
     config = small_config(model="ccrnn")
     cluster = Cluster(
