@@ -126,7 +126,8 @@ class BenchConfig:
             cerebellum's Predict (``python -m cerebellum_service.bench``), one
             window's activity sent between two processes, and a chunk's compute
             alone and side by side with copies of itself, to tell compute and
-            transport from contention.
+            transport from contention; and run ``decoupled`` once more with its
+            cerebellum lesioned, to measure the slowest chunk's own pace.
     """
 
     task: str = "patterns"
@@ -311,10 +312,12 @@ class RaySchedule:
         task: TaskData,
         scratch: Path,
         placement: Placement,
+        lesion: str | None = None,
     ) -> None:
         from orchestrator.cluster import Cluster, DistributedConfig
 
         self.name = name
+        self.lesion = lesion  # the cerebellum's, from step 0 (a profile probe)
         dist = DistributedConfig(
             schedule=name,
             micro_batches=bench.micro_batches if name == "pipelined" else 1,
@@ -332,6 +335,7 @@ class RaySchedule:
         import ray
 
         self.cluster.start()
+        self._lesion()
         # The step-0 checkpoint is what reset() goes back to.
         self.cluster.save_checkpoint(0)
         names = self.cluster.actor_names
@@ -342,6 +346,12 @@ class RaySchedule:
 
     def reset(self) -> None:
         self.cluster.restore_latest()
+        self._lesion()  # whatever the checkpoint says
+
+    def _lesion(self) -> None:
+        if self.lesion is not None and self.cluster.cerebellum is not None:
+            self.cluster.lesion_steps = {0: self.lesion}
+            self.cluster.apply_lesions(0)
 
     def train(self, start: int, stop: int):
         began = time.time()
@@ -1411,7 +1421,7 @@ def render_tables(result: dict[str, Any]) -> str:
             )
             lines.append(f"| {name} | {chunk} | {cells} |")
 
-    for name in ("send_latency", "predict_latency", "core_scaling"):
+    for name in ("send_latency", "predict_latency", "core_scaling", "critical_pace"):
         error = (result.get(name) or {}).get("error")
         if error:
             first = error.splitlines()[0]
@@ -1677,6 +1687,9 @@ def findings(result: dict[str, Any]) -> list[str]:
             f"bench's own processes (chunks, cerebellum, driver), {other:.2f} "
             "elsewhere (Ray's daemons, anything else running)."
         )
+    pace = _pace_note(result, decoupled, locked)
+    if pace:
+        notes.append(pace)
     bound = cpu_bound(result)
     if bound is not None:
         notes.append(
@@ -1699,6 +1712,55 @@ def findings(result: dict[str, Any]) -> list[str]:
             )
         )
     return notes
+
+
+def _pace_note(
+    result: dict[str, Any], decoupled: dict[str, Any], locked: dict[str, Any]
+) -> str | None:
+    """What the critical-pace probe says: the slowest chunk's ceiling, and
+    whether the rest of decoupled's work fits beside it on this machine."""
+    pace = _probed(result, "critical_pace")
+    if not pace or not pace["busy"]:
+        return None
+    heavy = max(pace["busy"], key=pace["busy"].get)
+    line = (
+        "with the cerebellum lesioned (it answers no predictions, so it computes "
+        "nothing, and chunk-0, left without feedback, skips its backward pass) "
+        f"decoupled ran at {pace['steps_per_second']:.2f} steps/s, "
+        f"{_x(pace['steps_per_second'] / locked['steps_per_second'])} locked, "
+        f"with {heavy} computing {100 * pace['busy'][heavy]:.0f} % of the time: "
+        "the pace of the slowest chunk when it waits for nothing, the most "
+        "decoupled can reach with these chunks."
+    )
+    placement = result["placement"].get(str(result["config"]["chunks"]), {})
+    rate = decoupled["steps_per_second"]
+    cpu = {n: a.get("cpu") for n, a in decoupled["actors"].items()}
+    if placement.get("gpus", False) or None in cpu.values() or not rate:
+        return line
+    beside = {n: 1000 * v / rate for n, v in cpu.items() if n != heavy}
+    elsewhere = 1000 * (decoupled.get("other_load_cores") or 0.0) / rate
+    need = sum(beside.values()) + elsewhere
+    cores = result["machine"]["cpus"] - 1
+    room = cores * 1000 / pace["steps_per_second"]
+    if need <= room:
+        fit = "it fits, so what keeps decoupled below that pace is waiting."
+    else:
+        fit = f"it does not fit, so {heavy} shares its core and slows"
+        excess = beside.get("cerebellum", 0.0)
+        fit += (
+            "; without the cerebellum's share, which on a cluster runs on a "
+            "device of its own, it would."
+            if excess and need - excess <= room
+            else "."
+        )
+    return (
+        f"{line} At full work the rest of decoupled's work, "
+        + ", ".join(f"{n} {v:.0f}" for n, v in beside.items())
+        + f" ms of CPU per step and {elsewhere:.0f} ms elsewhere (Ray's daemons), "
+        f"comes to {need:.0f} ms against the {room:.0f} ms that "
+        + ("the other core gives" if cores == 1 else f"the other {cores} cores give")
+        + f" during one step of {heavy} at that pace: {fit}"
+    )
 
 
 def cpu_bound(result: dict[str, Any]) -> dict[str, float] | None:
@@ -2203,6 +2265,62 @@ def measure_core_scaling(
     }
 
 
+def measure_critical_pace(bench: BenchConfig, task: TaskData) -> dict[str, Any]:
+    """``decoupled`` with its cerebellum lesioned: how fast the slowest chunk goes.
+
+    The lesioned cerebellum answers every Predict with no prediction, so it
+    computes nothing and learns nothing, and the chunk below the cut, left
+    without feedback, skips its backward pass; every chunk above the first keeps
+    all its work (receiving activity, forward, backward, sending observations).
+    What remains sets the pace of a chunk that waits for nothing: the most
+    ``decoupled`` can reach on these chunks, with its other work on cores of
+    its own. Same chunks, placement, steps and segments as the measured runs;
+    one run, no evaluations.
+    """
+    placement = plan(bench)
+    with tempfile.TemporaryDirectory(prefix="ccdni-bench-pace-") as scratch:
+        contender = RaySchedule(
+            "decoupled",
+            bench.train_config(),
+            bench,
+            task,
+            Path(scratch),
+            placement,
+            lesion="cerebellum",
+        )
+        try:
+            launch_all([contender], bench.warmup)
+            run = run_once(contender, bench, task, bench.steps, evaluate=False)
+            counters = contender.cluster.cerebellum_stats()
+        finally:
+            shutdown_all([contender])
+    actors = actor_breakdown([run])
+    phases = phase_seconds_per_step([run], bench.chunks)
+    busy = [s.machine_busy for s in run.segments]
+    return {
+        "config": {"lesion": "cerebellum", "steps": run.steps},
+        "steps_per_second": run.steps_per_second,
+        # The server's own count, warm-up included: none answered, all refused.
+        "predictions": {
+            "answered": counters.get("predictions", 0.0),
+            "lesioned": counters.get("predictions_lesioned", 0.0),
+        },
+        "busy": {n: a["busy"] for n, a in actors.items() if "busy" in a},
+        "cpu_ms_per_step": {
+            n: 1000 * a["cpu"] / run.steps_per_second
+            for n, a in actors.items()
+            if a["cpu"] is not None
+        },
+        "phase_ms_per_step": {
+            f"chunk-{k}": {p: 1000 * v for p, v in chunk.items()}
+            for k, chunk in enumerate(phases)
+        },
+        "machine_busy_cores": (
+            statistics.fmean(busy) if busy and None not in busy else None
+        ),
+    }
+
+
 # The whole benchmark ---------------------------------------------------------------
 
 
@@ -2282,6 +2400,8 @@ def run_bench(
         result["send_latency"] = _probe(measure_send_latency, bench, task)
         result["predict_latency"] = _probe(measure_predict_latency, bench, task)
         result["core_scaling"] = _probe(measure_core_scaling, bench, task)
+        if "decoupled" in bench.schedules and bench.chunks > 1:
+            result["critical_pace"] = _probe(measure_critical_pace, bench, task)
         write_results(result, out, doc)
     logger.info("wrote %s in %.0f s", out / "bench.json", result["wall_seconds"])
     return result
@@ -2432,8 +2552,9 @@ def add_bench_parser(commands) -> argparse.ArgumentParser:
         "--profile",
         action="store_true",
         default=None,
-        help="also time a lone cerebellum's Predict and a lone activity send "
-        "with the run's shapes",
+        help="also time a lone cerebellum's Predict, a lone activity send and a "
+        "chunk's compute with the run's shapes, and run decoupled once more "
+        "with its cerebellum lesioned (the slowest chunk's own pace)",
     )
     parser.add_argument(
         "--quick",

@@ -285,6 +285,69 @@ def test_core_scaling_times_one_copy_alone_and_copies_side_by_side():
     assert scaling["work_rate"] == pytest.approx(sum(alone / v for v in side))
 
 
+@pytest.mark.usefixtures("ray_cluster")
+def test_critical_pace_runs_decoupled_with_a_cerebellum_that_answers_nothing():
+    config = bench.BenchConfig(**{**bench.QUICK, "steps": 4, "eval_every": 2})
+    task = load_task(config.task, seed=0, n_train=config.n_train)
+    pace = bench.measure_critical_pace(config, task)
+
+    assert pace["config"]["steps"] == 4 and pace["steps_per_second"] > 0
+    # The lesion held from the warm-up on, through the reset before the run.
+    assert pace["predictions"]["answered"] == 0
+    windows = -(-task.seq_len // config.truncation)
+    assert pace["predictions"]["lesioned"] >= 4 * windows
+    assert set(pace["busy"]) == {"chunk-0", "chunk-1"}
+    assert set(pace["cpu_ms_per_step"]) >= {"chunk-0", "chunk-1", "cerebellum"}
+    # Left without feedback, the chunk below the cut has no backward to do.
+    phases = pace["phase_ms_per_step"]
+    assert phases["chunk-1"]["backward"] > phases["chunk-0"]["backward"]
+
+
+def _paced(cerebellum_cpu: float, chunk0_cpu: float) -> dict:
+    """A result whose decoupled run and pace probe say what the test needs."""
+    rate = 10.0  # decoupled's steps/s: a process at 0.1 cores spends 10 ms a step
+    return {
+        "machine": {"cpus": 2},
+        "config": {"chunks": 2},
+        "placement": {"2": {"gpus": False}},
+        "critical_pace": {
+            "steps_per_second": 20.0,  # one step of chunk-1 alone: 50 ms
+            "busy": {"chunk-0": 0.2, "chunk-1": 0.9},
+        },
+        "decoupled": {
+            "steps_per_second": rate,
+            "other_load_cores": 0.0,
+            "actors": {
+                "chunk-0": {"cpu": chunk0_cpu * rate / 1000},
+                "chunk-1": {"cpu": 0.5},
+                "cerebellum": {"cpu": cerebellum_cpu * rate / 1000},
+                "driver": {"cpu": 0.0},
+            },
+        },
+    }
+
+
+def test_the_pace_note_says_whether_the_rest_fits_beside_the_slowest_chunk():
+    locked = {"steps_per_second": 10.0}
+
+    def note(cerebellum_ms: float, chunk0_ms: float) -> str:
+        result = _paced(cerebellum_ms, chunk0_ms)
+        return bench._pace_note(result, result["decoupled"], locked)
+
+    # 50 ms of room on the second core in each case.
+    assert "2.00× locked" in note(10, 30) and "with chunk-1 computing 90 %" in note(
+        10, 30
+    )
+    assert "40 ms against the 50 ms" in note(10, 30)
+    assert "it fits" in note(10, 30)
+    too_much = note(20, 40)
+    assert "60 ms against the 50 ms" in too_much
+    assert "does not fit" in too_much and "without the cerebellum's share" in too_much
+    neither = note(20, 60)
+    assert "does not fit" in neither and "without the cerebellum" not in neither
+    assert bench._pace_note({}, {}, locked) is None
+
+
 def parse(*argv: str) -> bench.BenchConfig:
     parser = argparse.ArgumentParser()
     bench.add_bench_parser(parser.add_subparsers(dest="command"))
