@@ -827,6 +827,15 @@ def train_distributed(
         start = 0
         if dist.resume:
             start = cluster.restore_latest()
+            if start >= steps and (out / "summary.json").exists():
+                # Nothing to train, and rewriting the outputs would lose the
+                # finished run's training losses, timeline and cerebellum log.
+                raise ConfigError(
+                    f"--resume {dist.resume}: the run's newest checkpoint is at "
+                    f"step {start}, and it trains {steps} steps, so it has "
+                    f"finished ({out / 'summary.json'} is its summary); raise "
+                    "--steps or --epochs to train it further"
+                )
         else:
             cluster.save_checkpoint(0)
         bar = tqdm(

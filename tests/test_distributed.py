@@ -9,7 +9,7 @@ import pytest
 
 from orchestrator.batches import BatchStream
 from orchestrator.cluster import Cluster, DistributedConfig, train_distributed
-from orchestrator.config import TrainConfig
+from orchestrator.config import ConfigError, TrainConfig
 from orchestrator.tasks.registry import load_task
 from orchestrator.trainer import Trainer
 from protos import checkpoint as ckpt
@@ -316,6 +316,32 @@ def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path):
     )
     assert resumed["steps"] == 16
     assert len(resumed["train_losses"]) == 16 - 8
+
+
+def test_resuming_a_finished_run_says_so_and_leaves_its_files_alone(tmp_path):
+    config = small_config()
+    task = task_for(config)
+    out = tmp_path / "run"
+    dist = DistributedConfig(schedule="decoupled", steps=8, checkpoint_every=4)
+    train_distributed(config, dist, task, out, progress=False)
+    def outputs() -> dict[str, bytes]:
+        # Not the Prometheus target list: every start writes its actors there.
+        return {
+            p.name: p.read_bytes()
+            for p in out.iterdir()
+            if p.is_file() and not p.name.startswith("prometheus")
+        }
+
+    before = outputs()
+    assert json.loads(before["summary.json"])["train_losses"]
+    assert {"curve.jsonl", "timeline.json", "cerebellum.jsonl"} <= set(before)
+
+    again = DistributedConfig(
+        schedule="decoupled", steps=8, checkpoint_every=4, resume=str(out)
+    )
+    with pytest.raises(ConfigError, match="step 8.*finished.*--steps or --epochs"):
+        train_distributed(config, again, task, out, progress=False)
+    assert outputs() == before
 
 
 def test_checkpoint_steps_warn_only_about_damaged_ones(tmp_path, caplog):
