@@ -324,6 +324,7 @@ def test_resuming_a_finished_run_says_so_and_leaves_its_files_alone(tmp_path):
     out = tmp_path / "run"
     dist = DistributedConfig(schedule="decoupled", steps=8, checkpoint_every=4)
     train_distributed(config, dist, task, out, progress=False)
+
     def outputs() -> dict[str, bytes]:
         # Not the Prometheus target list: every start writes its actors there.
         return {
