@@ -4,7 +4,7 @@
 ``ccdni.v1.Cerebellum`` service::
 
     cortex ──Predict(queries)──▶ validate all ──▶ LocalCerebellum.predict ──▶ reply
-       │                                             (caches each activity)
+       │    (or each request of a PredictStream)     (caches each activity)
        └──Learn(stream)──▶ assemble frames ──▶ validate ──▶ observe_one ──┐
                                                                          ▼
                        learner thread: update() whenever observations are pending
@@ -107,6 +107,7 @@ REJECTION_REASONS = (
 
 _COUNTERS = (
     "predict_calls",
+    "predict_streams",
     "predictions",
     "predictions_lesioned",
     "learn_streams",
@@ -291,6 +292,24 @@ class CerebellumServicer(pb_grpc.CerebellumServicer):
         self, request: pb.PredictRequest, context: grpc.ServicerContext
     ) -> pb.PredictReply:
         """Predicted feedback for every query, in query order."""
+        return self._answer(request, context)
+
+    def PredictStream(
+        self, request_iterator: Iterator[pb.PredictRequest], context
+    ) -> Iterator[pb.PredictReply]:
+        """Predict for each request of one long-lived stream, in order.
+
+        What a unary Predict would refuse ends the stream with the same status
+        (the client answers the requests still in flight by unary calls); the
+        requests before it stay answered.
+        """
+        self.counters.add("predict_streams")
+        for request in request_iterator:
+            yield self._answer(request, context)
+
+    def _answer(
+        self, request: pb.PredictRequest, context: grpc.ServicerContext
+    ) -> pb.PredictReply:
         current = self._require_current(context)
         try:
             queries = [

@@ -173,7 +173,12 @@ def make_remote_cerebellum(
     channel = open_channel(address, ClientSecurity(token=token))
     if interceptors:
         channel = grpc.intercept_channel(channel, *interceptors)
-    return RemoteCerebellum(address, channel=channel, update_on_call=update_on_call)
+    # Predictions on the stream are timed per message, as the interceptor times
+    # a unary call (ccdni_grpc_client_seconds{method="Predict"}).
+    timer = next((i.record for i in interceptors if hasattr(i, "record")), None)
+    return RemoteCerebellum(
+        address, channel=channel, update_on_call=update_on_call, timer=timer
+    )
 
 
 @dataclass

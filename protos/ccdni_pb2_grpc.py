@@ -330,7 +330,9 @@ class Cortex:
 class CerebellumStub:
     """The cerebellum: one microzone per interface. Predict answers with predicted
     feedback and caches the query's activity under (zone, key); Learn streams the
-    observed feedback that later arrives for those keys.
+    observed feedback that later arrives for those keys. PredictStream is Predict
+    on one long-lived stream: one reply per request, in request order; a request
+    Predict would refuse ends the stream with the status Predict would answer.
     """
 
     def __init__(self, channel):
@@ -341,6 +343,11 @@ class CerebellumStub:
         """
         self.Predict = channel.unary_unary(
                 '/ccdni.v1.Cerebellum/Predict',
+                request_serializer=protos_dot_ccdni__pb2.PredictRequest.SerializeToString,
+                response_deserializer=protos_dot_ccdni__pb2.PredictReply.FromString,
+                _registered_method=True)
+        self.PredictStream = channel.stream_stream(
+                '/ccdni.v1.Cerebellum/PredictStream',
                 request_serializer=protos_dot_ccdni__pb2.PredictRequest.SerializeToString,
                 response_deserializer=protos_dot_ccdni__pb2.PredictReply.FromString,
                 _registered_method=True)
@@ -374,10 +381,18 @@ class CerebellumStub:
 class CerebellumServicer:
     """The cerebellum: one microzone per interface. Predict answers with predicted
     feedback and caches the query's activity under (zone, key); Learn streams the
-    observed feedback that later arrives for those keys.
+    observed feedback that later arrives for those keys. PredictStream is Predict
+    on one long-lived stream: one reply per request, in request order; a request
+    Predict would refuse ends the stream with the status Predict would answer.
     """
 
     def Predict(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PredictStream(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -421,6 +436,11 @@ def add_CerebellumServicer_to_server(servicer, server):
                     request_deserializer=protos_dot_ccdni__pb2.PredictRequest.FromString,
                     response_serializer=protos_dot_ccdni__pb2.PredictReply.SerializeToString,
             ),
+            'PredictStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.PredictStream,
+                    request_deserializer=protos_dot_ccdni__pb2.PredictRequest.FromString,
+                    response_serializer=protos_dot_ccdni__pb2.PredictReply.SerializeToString,
+            ),
             'Learn': grpc.stream_unary_rpc_method_handler(
                     servicer.Learn,
                     request_deserializer=protos_dot_ccdni__pb2.LearnRequest.FromString,
@@ -457,7 +477,9 @@ def add_CerebellumServicer_to_server(servicer, server):
 class Cerebellum:
     """The cerebellum: one microzone per interface. Predict answers with predicted
     feedback and caches the query's activity under (zone, key); Learn streams the
-    observed feedback that later arrives for those keys.
+    observed feedback that later arrives for those keys. PredictStream is Predict
+    on one long-lived stream: one reply per request, in request order; a request
+    Predict would refuse ends the stream with the status Predict would answer.
     """
 
     @staticmethod
@@ -475,6 +497,33 @@ class Cerebellum:
             request,
             target,
             '/ccdni.v1.Cerebellum/Predict',
+            protos_dot_ccdni__pb2.PredictRequest.SerializeToString,
+            protos_dot_ccdni__pb2.PredictReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PredictStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/ccdni.v1.Cerebellum/PredictStream',
             protos_dot_ccdni__pb2.PredictRequest.SerializeToString,
             protos_dot_ccdni__pb2.PredictReply.FromString,
             options,

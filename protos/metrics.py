@@ -219,6 +219,10 @@ class _ClientInterceptor(
     def __init__(self, metrics: ActorMetrics) -> None:
         self.metrics = metrics
 
+    def record(self, method: str, seconds: float) -> None:
+        """Record a call timed elsewhere (a message on a long-lived stream)."""
+        self.metrics.client_call(method, seconds)
+
     def _timed(self, continuation, details, request):
         started = time.perf_counter()
         outcome = continuation(details, request)

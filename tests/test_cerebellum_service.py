@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import threading
 
 import grpc
 import msgpack
@@ -133,10 +134,86 @@ def test_predict_async_answers_as_predict_does(cerebellum, reference):
                 [Query("state_9", ActivityKey(0, 0), activity(0))]
             ).result()
         assert remote.counters.get("predict_calls") == 3
+        # The two good calls went on one stream; the refused one was asked
+        # again unary, which raised.
+        assert remote.counters.get("predict_streams") == 1
+        assert remote.counters.get("predict_stream_fallbacks") == 1
 
     want = local.predict(queries[1:]) + local.predict(queries[:1])
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_refused_request_on_the_stream_leaves_the_others_answered(
+    cerebellum, reference
+):
+    servicer, server, _ = cerebellum
+    _, local = reference
+    good = [Query(ZONE, ActivityKey(i, 3), activity(30 + i)) for i in range(3)]
+    narrow = Query(ZONE, ActivityKey(9, 3), activity(0, width=3))
+    streams_before = servicer.stats()["predict_streams"]
+
+    with RemoteCerebellum(server.address, ClientSecurity(token=TOKEN)) as remote:
+        # All four in flight on one stream before any is taken.
+        pending = [remote.predict_async([q]) for q in (good[0], narrow, *good[1:])]
+        first = pending[0].result()
+        with pytest.raises(ValueError, match="activity.shape"):
+            pending[1].result()
+        rest = [p.result() for p in pending[2:]]
+        after = remote.predict_async([good[0]]).result()  # on a new stream
+
+        assert remote.counters.get("predict_streams") == 2
+        fallbacks = remote.counters.get("predict_stream_fallbacks")
+        assert 1 <= fallbacks <= 3  # the refused one, and any sent behind it
+    assert servicer.stats()["predict_streams"] == streams_before + 2
+
+    want = local.predict(good)
+    assert torch.equal(first[0], want[0]) and torch.equal(after[0], want[0])
+    for (got,), expected in zip(rest, want[1:], strict=True):
+        assert torch.equal(got, expected)
+
+
+def test_a_late_stream_reply_is_asked_again_unary(reference):
+    path, local = reference
+    servicer, server = start_cerebellum()
+    held, release = [], threading.Event()
+    answer = servicer._answer
+
+    def slow_first(request, context):
+        if not held:  # the first request (the streamed one) waits for the test
+            held.append(request)
+            release.wait(30)
+        return answer(request, context)
+
+    servicer._answer = slow_first
+    queries = [Query(ZONE, ActivityKey(0, 0), activity(0))]
+    try:
+        with RemoteCerebellum(
+            server.address, ClientSecurity(token=TOKEN), deadline_s=0.5
+        ) as remote:
+            remote.restore(str(path))
+            (got,) = remote.predict_async(queries).result()
+            assert held, "the streamed request reached the server"
+            assert remote.counters.get("predict_stream_fallbacks") == 1
+            assert not remote.degraded
+        assert torch.equal(got, local.predict(queries)[0])
+    finally:
+        release.set()
+        server.stop(0)
+
+
+def test_streamed_predictions_are_timed_like_unary_calls(cerebellum):
+    _, server, _ = cerebellum
+    timed = []
+    with RemoteCerebellum(
+        server.address,
+        ClientSecurity(token=TOKEN),
+        timer=lambda method, seconds: timed.append((method, seconds)),
+    ) as remote:
+        for i in range(3):
+            remote.predict_async([Query(ZONE, ActivityKey(i, 4), activity(i))]).result()
+    assert [method for method, _ in timed] == ["Predict"] * 3
+    assert all(seconds > 0 for _, seconds in timed)
 
 
 def test_learning_moves_predictions_toward_observed_feedback(cerebellum):
