@@ -273,16 +273,27 @@ def run_representations(config, seeds: int, out: Path, progress: bool = True) ->
     """Train a ccRNN per seed, measuring the probe set before and at each evaluation.
 
     Seeds whose run directory is complete are kept, so a larger ``seeds`` adds to
-    a stored experiment and an interrupted one continues.
+    a stored experiment and an interrupted one continues. A complete seed of
+    another configuration is refused (ConfigError), not mixed in or overwritten.
     """
+    from orchestrator.config import ConfigError
+    from orchestrator.sweep import finished_run
+
     if config.model != "ccrnn":
         raise ValueError(f"representations need --model ccrnn, got {config.model}")
     for seed in range(seeds):
         run_dir = out / f"seed{seed}"
+        seeded = config.replace(seed=seed)
         if (run_dir / "probe.npz").exists():  # written last: this seed is done
+            if not finished_run(run_dir, seeded):
+                raise ConfigError(
+                    f"--out {out}: {run_dir} holds seed {seed} of another "
+                    "configuration (its summary.json says so); pass another "
+                    f"--out, or remove {run_dir} to train it again"
+                )
             logger.info("representations, seed %d: already in %s", seed, run_dir)
             continue
-        record_seed(config.replace(seed=seed), run_dir, progress)
+        record_seed(seeded, run_dir, progress)
 
 
 def record_seed(config, run_dir: Path, progress: bool = True) -> None:
@@ -456,9 +467,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out = Path(args.out)
     if not args.plot_only:
-        run_representations(
-            config_from_args(args, model="ccrnn"), args.seeds, out, not args.no_progress
-        )
+        from orchestrator.config import ConfigError
+
+        try:
+            run_representations(
+                config_from_args(args, model="ccrnn"),
+                args.seeds,
+                out,
+                not args.no_progress,
+            )
+        except ConfigError as error:
+            parser.exit(2, f"{parser.prog}: error: {error}\n")
     sys.stdout.write(write_representations(out) + "\n")
     return 0
 

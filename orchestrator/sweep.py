@@ -172,7 +172,7 @@ def run_sweep(
             "seed": seed,
             "dir": str(run_dir.relative_to(out)),
         }
-        if not _done(run_dir, config, dist):
+        if not finished_run(run_dir, config, dist):
             if seed not in tasks:
                 tasks = {
                     seed: load_task(
@@ -197,7 +197,7 @@ def run_sweep(
     return runs
 
 
-def _done(run_dir: Path, config: TrainConfig, dist=None) -> bool:
+def finished_run(run_dir: Path, config: TrainConfig, dist=None) -> bool:
     """Whether ``run_dir`` already holds a finished run of ``config``, in this
     process or (with ``dist``) on Ray with the same schedule, steps and
     cerebellum learning.

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from orchestrator import representations as rep
-from orchestrator.config import TrainConfig
+from orchestrator.config import ConfigError, TrainConfig
 from orchestrator.trainer import Trainer
 from tests.helpers import random_task, true_future_feedback
 
@@ -156,13 +156,34 @@ def test_records_and_plot_only_round_trip(tmp_path):
     assert "0.800 ± 0.71" in granule  # 0.3 and 1.3: mean 0.8, sd 0.707
 
 
+def _finished_seed(run_dir, config: TrainConfig) -> None:
+    run_dir.mkdir()
+    summary = {"schedule": "in-process", "config": config.to_dict()}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    (run_dir / "probe.npz").write_bytes(b"done")
+
+
 def test_recorded_seeds_are_kept_and_missing_ones_run(tmp_path, monkeypatch):
-    (tmp_path / "seed0").mkdir()
-    (tmp_path / "seed0" / "probe.npz").write_bytes(b"done")
+    config = TrainConfig(task="line", model="ccrnn")
+    _finished_seed(tmp_path / "seed0", config.replace(seed=0))
     (tmp_path / "seed1").mkdir()  # interrupted: records but no probe file
     ran = []
     monkeypatch.setattr(
         rep, "record_seed", lambda config, run_dir, progress: ran.append(config.seed)
     )
-    rep.run_representations(TrainConfig(task="line", model="ccrnn"), 3, tmp_path)
+    rep.run_representations(config, 3, tmp_path)
     assert ran == [1, 2]
+
+
+def test_a_recorded_seed_of_another_configuration_is_refused(tmp_path, monkeypatch):
+    config = TrainConfig(task="line", model="ccrnn")
+    _finished_seed(tmp_path / "seed0", config.replace(seed=0))
+    ran = []
+    monkeypatch.setattr(
+        rep, "record_seed", lambda config, run_dir, progress: ran.append(config.seed)
+    )
+    longer = config.replace(epochs=config.epochs + 1)
+    with pytest.raises(ConfigError, match="--out.*seed0.*another configuration"):
+        rep.run_representations(longer, 2, tmp_path)
+    assert ran == []  # nothing trained, nothing overwritten
+    assert (tmp_path / "seed0" / "probe.npz").read_bytes() == b"done"
