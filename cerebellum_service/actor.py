@@ -19,11 +19,19 @@ from cerebellum_service.servicer import CerebellumServicer, add_to_server
 from protos import checkpoint as ckpt
 from protos.metrics import metrics_for
 from protos.process import keep_freed_memory, lower_priority
-from protos.service import ServerSecurity, start_server
+from protos.service import DEFAULT_MAX_WORKERS, ServerSecurity, start_server
 
 logger = logging.getLogger(__name__)
 
 ACTOR_NAME = "cerebellum"
+
+
+def server_workers(clients: int) -> int:
+    """Call threads for a server with ``clients`` chunks: each may hold two for
+    as long as it runs (its Learn stream and its PredictStream), and the rest
+    answer unary and control calls."""
+    return DEFAULT_MAX_WORKERS + 2 * max(0, clients)
+
 
 # Per-microzone statistics of the servicer and the metric each becomes.
 ZONE_METRICS = {
@@ -58,8 +66,9 @@ class CerebellumActor:
         spec: ``zones`` (microzone maps, as ``Configure`` takes them), ``lr``,
             ``learning`` (``background`` or ``on_update``), ``token`` (the run's
             secret), ``threads`` (torch threads), ``nice`` (how far to lower
-            this process's CPU priority, 0 for not at all) and optionally
-            ``host``.
+            this process's CPU priority, 0 for not at all), ``clients`` (the
+            chunks that will call it, which sizes its call threads) and
+            optionally ``host``.
     """
 
     def __init__(self, spec: dict[str, Any]) -> None:
@@ -88,6 +97,7 @@ class CerebellumActor:
             security=ServerSecurity(token=spec["token"]),
             service_names=["ccdni.v1.Cerebellum"],
             host=host,
+            max_workers=server_workers(int(spec.get("clients", 1))),
             on_stop=[self.servicer.close],
             interceptors=(
                 [self.metrics.server_interceptor()] if self.metrics.enabled else []

@@ -391,6 +391,7 @@ class Cluster:
             "lr": self.config.cerebellum_lr,
             "learning": self.dist.cerebellum_learning,
             "nice": self.dist.cerebellum_nice,
+            "clients": self.config.chunks,
             "token": self.token,
             "threads": self.config.threads,
             "metrics": self.dist.metrics,

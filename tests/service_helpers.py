@@ -53,6 +53,7 @@ def start_cerebellum(
     security: ServerSecurity | None = None,
     checkpoint_dir: Path | None = None,
     servicer: CerebellumServicer | None = None,
+    max_workers: int = 8,
 ) -> tuple[CerebellumServicer, RunningServer]:
     """An in-process cerebellum server on loopback."""
     if servicer is None:
@@ -64,7 +65,7 @@ def start_cerebellum(
         service_names=[SERVICE_NAME],
         port=port,
         max_message_bytes=LIMIT,
-        max_workers=8,
+        max_workers=max_workers,
         on_stop=[servicer.close],
     )
     return servicer, server

@@ -19,6 +19,7 @@ from protos import ccdni_pb2 as pb
 from protos import checkpoint as checkpoint_module
 from protos.codec import decode, encode, split_frames
 from protos.service import ClientSecurity
+from tests.helpers import wait_until
 from tests.service_helpers import (
     LIMIT,
     ROWS,
@@ -214,6 +215,35 @@ def test_streamed_predictions_are_timed_like_unary_calls(cerebellum):
             remote.predict_async([Query(ZONE, ActivityKey(i, 4), activity(i))]).result()
     assert [method for method, _ in timed] == ["Predict"] * 3
     assert all(seconds > 0 for _, seconds in timed)
+
+
+def test_a_server_sized_for_its_chunks_answers_with_every_stream_open(reference):
+    from cerebellum_service.actor import server_workers
+
+    path, local = reference
+    chunks = 10  # 20 long-lived streams: more than the 16 threads of the default
+    servicer, server = start_cerebellum(max_workers=server_workers(chunks))
+    clients = [
+        RemoteCerebellum(server.address, ClientSecurity(token=TOKEN))
+        for _ in range(chunks)
+    ]
+    try:
+        clients[0].restore(str(path))
+        queries = [Query(ZONE, ActivityKey(i, 0), activity(i)) for i in range(chunks)]
+        for client, query_ in zip(clients, queries):  # each opens its PredictStream
+            (got,) = client.predict_async([query_]).result()
+            assert torch.equal(got, local.predict([query_])[0])
+        for client, query_ in zip(clients, queries):  # and its Learn stream
+            client.observe([Observation(ZONE, query_.key, activity(100))])
+        wait_until(lambda: servicer.stats()["learn_streams"] == chunks, 30, "streams")
+        assert all(c.counters.get("predict_stream_fallbacks") == 0 for c in clients)
+        assert servicer.stats()["predict_streams"] == chunks
+        # Unary and control calls still find a thread.
+        assert clients[-1].stats(["predict_calls"])["predict_calls"] == chunks
+    finally:
+        for client in clients:
+            client.close()
+        server.stop(0)
 
 
 def test_learning_moves_predictions_toward_observed_feedback(cerebellum):
