@@ -260,9 +260,9 @@ class RemoteCerebellum(FeedbackPredictor):
             ``on_update``).
         stream_predictions: ask on a long-lived PredictStream (unary Predict
             where it cannot answer); ``False``: every request unary.
-        timer: called with ``("Predict", seconds)`` for each prediction
-            answered on the stream, as the actor's gRPC interceptor records
-            a unary call (the actor's latency metrics).
+        timer: called with ``("PredictStream", seconds)`` for each request
+            answered on the stream, from its sending to its reply, as the
+            actor's gRPC interceptor records a unary call (latency metrics).
     """
 
     def __init__(
@@ -775,7 +775,7 @@ class _StreamedReply(PendingPrediction):
             )
             return self._outcome
         if client.timer is not None:
-            client.timer("Predict", time.perf_counter() - self._sent)
+            client.timer("PredictStream", time.perf_counter() - self._sent)
         self._outcome = client._predictions(reply, self._count)
         return self._outcome
 

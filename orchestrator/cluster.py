@@ -173,8 +173,8 @@ def make_remote_cerebellum(
     channel = open_channel(address, ClientSecurity(token=token))
     if interceptors:
         channel = grpc.intercept_channel(channel, *interceptors)
-    # Predictions on the stream are timed per message, as the interceptor times
-    # a unary call (ccdni_grpc_client_seconds{method="Predict"}).
+    # Predictions on the stream are timed per request, as the interceptor times
+    # a unary call (ccdni_grpc_client_seconds{method="PredictStream"}).
     timer = next((i.record for i in interceptors if hasattr(i, "record")), None)
     return RemoteCerebellum(
         address, channel=channel, update_on_call=update_on_call, timer=timer

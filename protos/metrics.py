@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -88,13 +89,15 @@ class ActorMetrics:
         )
         self._client = histogram(
             "ccdni_grpc_client_seconds",
-            "gRPC call latency seen by the caller",
+            "gRPC call latency seen by the caller (per request and reply on a "
+            "bidirectional stream)",
             ("method",),
             SECONDS_BUCKETS,
         )
         self._server_latency = histogram(
             "ccdni_grpc_server_seconds",
-            "gRPC call latency inside the server",
+            "gRPC call latency inside the server (per request and reply on a "
+            "bidirectional stream)",
             ("method",),
             SECONDS_BUCKETS,
         )
@@ -266,10 +269,30 @@ class _ServerInterceptor(grpc.ServerInterceptor):
 
             return timed
 
+        def wrap_stream(behaviour):
+            # One reply per request, in order (PredictStream): each reply is
+            # timed from its request's arrival, not from the stream's start.
+            def timed(request_iterator, context):
+                arrivals: deque[float] = deque()
+
+                def requests():
+                    for request in request_iterator:
+                        arrivals.append(time.perf_counter())
+                        yield request
+
+                for reply in behaviour(requests(), context):
+                    if arrivals:
+                        record(method, time.perf_counter() - arrivals.popleft())
+                    yield reply
+
+            return timed
+
         if handler.unary_unary is not None:
             return handler._replace(unary_unary=wrap(handler.unary_unary))
         if handler.stream_unary is not None:
             return handler._replace(stream_unary=wrap(handler.stream_unary))
+        if handler.stream_stream is not None:
+            return handler._replace(stream_stream=wrap_stream(handler.stream_stream))
         return handler
 
 

@@ -14,11 +14,18 @@ import torch
 
 from cerebellum_service.client import RemoteCerebellum
 from cerebellum_service.learning import ActivityKey, Observation, Query
-from cerebellum_service.servicer import load_checkpoint, read_manifest, save_checkpoint
+from cerebellum_service.servicer import (
+    SERVICE_NAME,
+    CerebellumServicer,
+    add_to_server,
+    load_checkpoint,
+    read_manifest,
+    save_checkpoint,
+)
 from protos import ccdni_pb2 as pb
 from protos import checkpoint as checkpoint_module
 from protos.codec import decode, encode, split_frames
-from protos.service import ClientSecurity
+from protos.service import ClientSecurity, ServerSecurity, start_server
 from tests.helpers import wait_until
 from tests.service_helpers import (
     LIMIT,
@@ -213,7 +220,7 @@ def test_streamed_predictions_are_timed_like_unary_calls(cerebellum):
     ) as remote:
         for i in range(3):
             remote.predict_async([Query(ZONE, ActivityKey(i, 4), activity(i))]).result()
-    assert [method for method, _ in timed] == ["Predict"] * 3
+    assert [method for method, _ in timed] == ["PredictStream"] * 3
     assert all(seconds > 0 for _, seconds in timed)
 
 
@@ -243,6 +250,44 @@ def test_a_server_sized_for_its_chunks_answers_with_every_stream_open(reference)
     finally:
         for client in clients:
             client.close()
+        server.stop(0)
+
+
+def test_server_metrics_time_each_request_of_a_predict_stream(reference):
+    from protos.metrics import ActorMetrics
+
+    path, _ = reference
+    metrics = ActorMetrics("run", "cerebellum")
+    servicer = CerebellumServicer(None)
+    server = start_server(
+        lambda grpc_server: add_to_server(servicer, grpc_server),
+        security=ServerSecurity(token=TOKEN),
+        service_names=[SERVICE_NAME],
+        max_message_bytes=LIMIT,
+        on_stop=[servicer.close],
+        interceptors=[metrics.server_interceptor()],
+    )
+    labels = {"run": "run", "role": "cerebellum", "chunk": "", "method": ""}
+
+    def count(method: str) -> float:
+        value = metrics.registry.get_sample_value(
+            "ccdni_grpc_server_seconds_count", {**labels, "method": method}
+        )
+        return value or 0.0
+
+    try:
+        with RemoteCerebellum(server.address, ClientSecurity(token=TOKEN)) as remote:
+            remote.restore(str(path))
+            pending = [
+                remote.predict_async([Query(ZONE, ActivityKey(i, 0), activity(i))])
+                for i in range(3)
+            ]
+            assert all(p.result()[0] is not None for p in pending)
+            assert remote.counters.get("predict_stream_fallbacks") == 0
+            # Each reply is recorded as it is yielded, before the client has it.
+            assert count("PredictStream") == 3
+            assert count("Restore") == 1
+    finally:
         server.stop(0)
 
 
