@@ -346,14 +346,25 @@ def message_type_of(descriptor) -> type[Message]:
 
 
 def raw_method(
-    channel: grpc.Channel, service: str, method: str, client_streaming: bool
+    channel: grpc.Channel,
+    service: str,
+    method: str,
+    client_streaming: bool,
+    server_streaming: bool = False,
 ) -> Callable:
     """A callable sending raw bytes to ``/ccdni.v1.<service>/<method>``.
 
     The request is not serialised (bytes go as they are) and the reply is kept
-    as bytes, so the server's own parsing is what gets fuzzed.
+    as bytes, so the server's own parsing is what gets fuzzed. For a method
+    that streams its replies the callable reads them all (a list), so that the
+    call's status is known when it returns.
     """
     path = f"/{pb.DESCRIPTOR.package}.{service}/{method}"
+    if server_streaming:
+        calls = (channel.stream_stream if client_streaming else channel.unary_stream)(
+            path
+        )
+        return lambda request, timeout=None: list(calls(request, timeout=timeout))
     if client_streaming:
         return channel.stream_unary(path)
     return channel.unary_unary(path)
