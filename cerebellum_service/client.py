@@ -11,10 +11,11 @@ either without knowing which::
 
 ``predict_async``, which a chunk uses, sends on one long-lived PredictStream:
 a third less CPU per window-sized call than a unary Predict
-(scripts/grpc_patterns.py). Any request the stream does not answer (the
-stream failed, the server refused a request, a reply later than the deadline)
-is made again as a unary Predict, whose retries, errors and degraded mode are
-those described here; ``predict`` always calls unary.
+(scripts/grpc_patterns.py). A request the server refuses there
+raises as a unary call would; any other the stream does not answer (it broke,
+or a reply came later than the deadline) is made again as a unary Predict,
+whose retries, errors and degraded mode are those described here; ``predict``
+always calls unary.
 
 ``observe`` only encodes and queues; a background thread feeds the queue into a
 long-lived Learn stream, which it ends after ``stream_lifetime_s`` (every call
@@ -178,6 +179,28 @@ class _StreamEnded(Exception):
     """The PredictStream ended with requests still unanswered."""
 
 
+class _Refused(Exception):
+    """The server refused this request, which ended the stream (its status)."""
+
+    def __init__(self, error: grpc.RpcError) -> None:
+        super().__init__(error.details())
+        self.error = error
+
+
+_REFUSALS = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+    }
+)
+"""Codes with which the server ends a PredictStream at the request it refuses:
+the oldest unanswered one, since replies come in order."""
+
+
 class _PredictStream:
     """One PredictStream call: requests go out in order, replies are matched to
     them in the same order by a reader thread."""
@@ -225,8 +248,12 @@ class _PredictStream:
             self.alive = False
             waiting, self._waiting = list(self._waiting), deque()
         self._outbox.put(None)
-        for future in waiting:
-            future.set_exception(error)
+        refused = isinstance(error, grpc.RpcError) and error.code() in _REFUSALS
+        for index, future in enumerate(waiting):
+            if refused and index == 0:
+                future.set_exception(_Refused(error))
+            else:  # sent behind the refused one, or the stream broke
+                future.set_exception(_StreamEnded("the PredictStream ended"))
 
     def close(self) -> None:
         """End the stream; requests still waiting fail (and go unary)."""
@@ -735,9 +762,10 @@ def _predict_request(queries: Sequence[Query]) -> pb.PredictRequest:
 
 
 class _StreamedReply(PendingPrediction):
-    """A Predict sent on the PredictStream; made again as a unary call (with
-    :meth:`RemoteCerebellum.predict`'s retries and errors) where the stream
-    does not answer it in time."""
+    """A Predict sent on the PredictStream. Refused there, it raises as a unary
+    call would; where the stream broke or did not answer in time, it is made
+    again as a unary call (with :meth:`RemoteCerebellum.predict`'s retries,
+    errors and degraded mode)."""
 
     def __init__(
         self,
@@ -766,7 +794,12 @@ class _StreamedReply(PendingPrediction):
             # Replies come in order, so a late one holds up all behind it.
             client._drop_stream(self._stream)
             reply = None
-        except (grpc.RpcError, _StreamEnded):
+        except _Refused as refused:
+            # As the unary call would raise: asking it again would only refuse
+            # (and count) it twice.
+            client._mark_up()
+            raise _exception(refused.error, "Predict") from refused.error
+        except _StreamEnded:
             reply = None
         if reply is None:
             client.counters.add("predict_stream_fallbacks")
