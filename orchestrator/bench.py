@@ -1714,6 +1714,22 @@ def findings(result: dict[str, Any]) -> list[str]:
     return notes
 
 
+def _on_cpus(result: dict[str, Any]) -> bool:
+    """Whether the headline runs placed their actors on CPUs (no GPUs)."""
+    placement = result["placement"].get(str(result["config"]["chunks"]), {})
+    return not placement.get("gpus", False)
+
+
+def cpu_seconds_per_step(record: dict[str, Any]) -> dict[str, float] | None:
+    """Each process's CPU seconds per step in a contender's record (its CPU in
+    cores over its steps/s), or None where ``/proc`` did not give every one."""
+    cpu = {name: actor.get("cpu") for name, actor in record["actors"].items()}
+    rate = record["steps_per_second"]
+    if None in cpu.values() or not rate:
+        return None
+    return {name: v / rate for name, v in cpu.items()}
+
+
 def _pace_note(
     result: dict[str, Any], decoupled: dict[str, Any], locked: dict[str, Any]
 ) -> str | None:
@@ -1732,13 +1748,12 @@ def _pace_note(
         "the pace of the slowest chunk when it waits for nothing, the most "
         "decoupled can reach with these chunks."
     )
-    placement = result["placement"].get(str(result["config"]["chunks"]), {})
-    rate = decoupled["steps_per_second"]
-    cpu = {n: a.get("cpu") for n, a in decoupled["actors"].items()}
-    if placement.get("gpus", False) or None in cpu.values() or not rate:
+    per_step = cpu_seconds_per_step(decoupled)
+    if not _on_cpus(result) or per_step is None:
         return line
-    beside = {n: 1000 * v / rate for n, v in cpu.items() if n != heavy}
-    elsewhere = 1000 * (decoupled.get("other_load_cores") or 0.0) / rate
+    beside = {n: 1000 * v for n, v in per_step.items() if n != heavy}
+    other = decoupled.get("other_load_cores") or 0.0
+    elsewhere = 1000 * other / decoupled["steps_per_second"]
     need = sum(beside.values()) + elsewhere
     cores = result["machine"]["cpus"] - 1
     room = cores * 1000 / pace["steps_per_second"]
@@ -1773,18 +1788,9 @@ def cpu_bound(result: dict[str, Any]) -> dict[str, float] | None:
     """
     schedules = result["schedules"]
     decoupled, locked = schedules.get("decoupled"), schedules.get("locked")
-    placement = result["placement"].get(str(result["config"]["chunks"]), {})
-    if not decoupled or not locked or placement.get("gpus", False):
+    if not decoupled or not locked or not _on_cpus(result):
         return None
-
-    def per_step(record: dict[str, Any]) -> dict[str, float] | None:
-        cpu = {name: actor.get("cpu") for name, actor in record["actors"].items()}
-        if any(v is None for v in cpu.values()) or not record["steps_per_second"]:
-            return None
-        rate = record["steps_per_second"]
-        return {name: v / rate for name, v in cpu.items()}
-
-    dec, loc = per_step(decoupled), per_step(locked)
+    dec, loc = cpu_seconds_per_step(decoupled), cpu_seconds_per_step(locked)
     if dec is None or loc is None:
         return None
     cores = result["machine"]["cpus"]
