@@ -231,7 +231,7 @@ class _PredictStream:
         return future
 
     def _read(self) -> None:
-        error: Exception = _StreamEnded("the PredictStream ended")
+        error: grpc.RpcError | None = None  # None: it ended without a status
         try:
             for reply in self._call:
                 with self._lock:
@@ -243,12 +243,12 @@ class _PredictStream:
             error = failure
         self._end(error)
 
-    def _end(self, error: Exception) -> None:
+    def _end(self, error: grpc.RpcError | None) -> None:
         with self._lock:
             self.alive = False
             waiting, self._waiting = list(self._waiting), deque()
         self._outbox.put(None)
-        refused = isinstance(error, grpc.RpcError) and error.code() in _REFUSALS
+        refused = error is not None and error.code() in _REFUSALS
         for index, future in enumerate(waiting):
             if refused and index == 0:
                 future.set_exception(_Refused(error))

@@ -299,9 +299,9 @@ class CerebellumServicer(pb_grpc.CerebellumServicer):
     ) -> Iterator[pb.PredictReply]:
         """Predict for each request of one long-lived stream, in order.
 
-        What a unary Predict would refuse ends the stream with the same status
-        (the client answers the requests still in flight by unary calls); the
-        requests before it stay answered.
+        What a unary Predict would refuse ends the stream with the same status;
+        the requests before it stay answered (``RemoteCerebellum`` raises the
+        status for that request and asks those sent behind it unary).
         """
         self.counters.add("predict_streams")
         for request in request_iterator:

@@ -51,6 +51,8 @@ import torch
 
 from cortex_service.network import CorticalChunk, flatten_state, window_bounds
 from cortex_service.runtime import state_zone
+from orchestrator.config import ConfigError
+from orchestrator.sweep import finished_run
 from orchestrator.tasks.base import SequenceData, TaskKind, sequence_loss
 
 logger = logging.getLogger(__name__)
@@ -276,9 +278,6 @@ def run_representations(config, seeds: int, out: Path, progress: bool = True) ->
     a stored experiment and an interrupted one continues. A complete seed of
     another configuration is refused (ConfigError), not mixed in or overwritten.
     """
-    from orchestrator.config import ConfigError
-    from orchestrator.sweep import finished_run
-
     if config.model != "ccrnn":
         raise ValueError(f"representations need --model ccrnn, got {config.model}")
     for seed in range(seeds):
@@ -467,8 +466,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out = Path(args.out)
     if not args.plot_only:
-        from orchestrator.config import ConfigError
-
         try:
             run_representations(
                 config_from_args(args, model="ccrnn"),
