@@ -18,7 +18,7 @@ from cerebellum_service.config import CerebellumConfig
 from cerebellum_service.servicer import CerebellumServicer, add_to_server
 from protos import checkpoint as ckpt
 from protos.metrics import metrics_for
-from protos.process import keep_freed_memory, lower_priority
+from protos.process import batch_scheduling, keep_freed_memory, lower_priority
 from protos.service import DEFAULT_MAX_WORKERS, ServerSecurity, start_server
 
 logger = logging.getLogger(__name__)
@@ -66,9 +66,11 @@ class CerebellumActor:
         spec: ``zones`` (microzone maps, as ``Configure`` takes them), ``lr``,
             ``learning`` (``background`` or ``on_update``), ``token`` (the run's
             secret), ``threads`` (torch threads), ``nice`` (how far to lower
-            this process's CPU priority, 0 for not at all), ``clients`` (the
-            chunks that will call it, which sizes its call threads) and
-            optionally ``host``.
+            this process's CPU priority, 0 for not at all), ``batch_scheduling``
+            (its threads run as batch jobs, default on; see
+            :func:`protos.process.batch_scheduling`), ``clients`` (the chunks
+            that will call it, which sizes its call threads) and optionally
+            ``host``.
     """
 
     def __init__(self, spec: dict[str, Any]) -> None:
@@ -76,8 +78,10 @@ class CerebellumActor:
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
         # Before any server thread exists: threads inherit their creator's
-        # priority, so everything this actor starts runs at the lowered one.
+        # priority and policy, so everything this actor starts runs with them.
         lower_priority(int(spec.get("nice", 0)))
+        if spec.get("batch_scheduling", True):
+            batch_scheduling()
         keep_freed_memory()
         torch.set_num_threads(int(spec.get("threads", 1)))
         config = CerebellumConfig.from_dict(

@@ -35,7 +35,7 @@ from cortex_service.servicer import (
 )
 from protos import checkpoint as ckpt
 from protos.metrics import metrics_for
-from protos.process import keep_freed_memory
+from protos.process import batch_scheduling, keep_freed_memory
 from protos.service import ClientSecurity, ServerSecurity, start_server
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,8 @@ class ChunkActorSpec:
         checkpoint_every: steps between checkpoints (0: none).
         max_in_flight: windows a mailbox holds before the sender stalls.
         threads: torch threads of this actor (CPU).
+        batch_scheduling: run this process's threads as batch jobs (see
+            :func:`protos.process.batch_scheduling`).
         cerebellum_factory: builds the cerebellum client from an address.
     """
 
@@ -78,6 +80,7 @@ class ChunkActorSpec:
     checkpoint_every: int = 0
     max_in_flight: int = 2
     threads: int = 1
+    batch_scheduling: bool = True
     host: str | None = None
     cerebellum_factory: Callable[..., Any] | None = None
     metrics: bool = True
@@ -92,6 +95,8 @@ class ChunkActor:
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
         torch.set_num_threads(config.threads)
+        if config.batch_scheduling:  # before any server thread: they inherit it
+            batch_scheduling()
         keep_freed_memory()
         self.config = config
         self.index = config.spec.index

@@ -122,6 +122,9 @@ class BenchConfig:
         timeline_seconds: seconds of the representative timelines to draw.
         cerebellum_nice: how far decoupled's cerebellum lowers its CPU priority
             (``--cerebellum-nice`` of training, the same default).
+        batch_scheduling: every contender's processes run their threads as
+            batch jobs (``--batch-scheduling`` of training, the same default;
+            the PyTorch stages too).
         profile: also time, alone on the machine and with the run's shapes, a
             cerebellum's Predict (``python -m cerebellum_service.bench``), one
             window's activity sent between two processes, and a chunk's compute
@@ -160,6 +163,7 @@ class BenchConfig:
     timeline_seconds: float | None = None
     profile: bool = False
     cerebellum_nice: int = 10
+    batch_scheduling: bool = True
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -327,6 +331,7 @@ class RaySchedule:
             gpus=placement.gpus,
             metrics=bench.metrics,
             cerebellum_nice=bench.cerebellum_nice,
+            batch_scheduling=bench.batch_scheduling,
         )
         self.cluster = Cluster(config, dist, task, scratch / f"{name}-k{config.chunks}")
         self._pids: dict[str, int] = {}
@@ -410,6 +415,7 @@ class TorchSchedule:
             name,
             bench.micro_batches,
             device="cuda" if placement.gpus else "cpu",
+            batch_scheduling=bench.batch_scheduling,
         )
 
     def launch(self) -> None:
@@ -1324,6 +1330,12 @@ def describe_setup(result: dict[str, Any]) -> str:
                 f", its process at nice {config['cerebellum_nice']} "
                 "(`--cerebellum-nice`)"
                 if config.get("cerebellum_nice")
+                else ""
+            )
+            + (
+                "; every process's threads scheduled as batch jobs "
+                "(`--batch-scheduling`)"
+                if config.get("batch_scheduling")
                 else ""
             )
             + "; Prometheus /metrics "
@@ -2553,6 +2565,14 @@ def add_bench_parser(commands) -> argparse.ArgumentParser:
         type=int,
         help="lower decoupled's cerebellum's CPU priority by this much (0-19, "
         "default 10, as in training)",
+    )
+    parser.add_argument(
+        "--batch-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run every contender's threads as batch jobs (Linux SCHED_BATCH; "
+        "default on, as in training; --no-batch-scheduling measures what it "
+        "buys)",
     )
     parser.add_argument(
         "--profile",

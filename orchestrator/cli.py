@@ -180,6 +180,14 @@ def add_distributed_options(parser: argparse.ArgumentParser) -> None:
         "default 10): where it shares cores with chunks they get them first",
     )
     group.add_argument(
+        "--batch-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run every actor's threads as batch jobs (Linux SCHED_BATCH, "
+        "default on), so that a thread woken by a message does not preempt "
+        "one that computes",
+    )
+    group.add_argument(
         "--prometheus-sd",
         metavar="FILE",
         help="write the Prometheus file_sd list of actor endpoints here "
@@ -205,6 +213,7 @@ def distributed_from_args(args: argparse.Namespace):
         prometheus_sd=args.prometheus_sd,
         cerebellum_learning=args.cerebellum_learning,
         cerebellum_nice=args.cerebellum_nice,
+        batch_scheduling=args.batch_scheduling,
     )
 
 

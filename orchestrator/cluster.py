@@ -77,6 +77,9 @@ class DistributedConfig:
             (0 to 19; 0 leaves it). Its work has slack where a chunk's has
             none, so where they share cores the chunks should win them; on
             cores of its own the cerebellum runs as fast at any priority.
+        batch_scheduling: every actor's threads run as batch jobs (Linux's
+            SCHED_BATCH), so a thread woken by a message does not preempt one
+            that computes (:func:`protos.process.batch_scheduling`).
     """
 
     schedule: str = "decoupled"
@@ -95,6 +98,7 @@ class DistributedConfig:
     prometheus_sd: str | None = None
     cerebellum_learning: str = "background"
     cerebellum_nice: int = 10
+    batch_scheduling: bool = True
 
     def __post_init__(self) -> None:
         check_cerebellum_nice(self.cerebellum_nice)
@@ -372,6 +376,7 @@ class Cluster:
             checkpoint_every=self.dist.checkpoint_every,
             max_in_flight=self.dist.max_in_flight,
             threads=config.threads,
+            batch_scheduling=self.dist.batch_scheduling,
             cerebellum_factory=(
                 functools.partial(
                     make_remote_cerebellum,
@@ -391,6 +396,7 @@ class Cluster:
             "lr": self.config.cerebellum_lr,
             "learning": self.dist.cerebellum_learning,
             "nice": self.dist.cerebellum_nice,
+            "batch_scheduling": self.dist.batch_scheduling,
             "clients": self.config.chunks,
             "token": self.token,
             "threads": self.config.threads,

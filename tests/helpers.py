@@ -132,6 +132,17 @@ def wait_until(
         time.sleep(poll_s)
 
 
+def thread_policies(pid: int | str = "self") -> dict[int, int]:
+    """Scheduling policy of every thread of a process (``os.SCHED_*``)."""
+    values = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            values[int(tid)] = os.sched_getscheduler(int(tid))
+        except ProcessLookupError:
+            continue  # a thread that ended meanwhile
+    return values
+
+
 def thread_niceness(pid: int | str = "self") -> dict[int, int]:
     """Niceness of every thread of a process, from /proc (field 19 of stat)."""
     values = {}

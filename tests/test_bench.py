@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import jsonschema
 import pytest
@@ -19,6 +20,7 @@ from orchestrator.batches import BatchStream
 from orchestrator.config import ConfigError, TrainConfig
 from orchestrator.tasks.registry import load_task
 from orchestrator.trainer import Trainer
+from tests.helpers import thread_policies
 
 # Contenders that do the same arithmetic (truncated BPTT, exact feedback between
 # chunks, one update per batch) and so must learn the same, step for step.
@@ -97,12 +99,20 @@ def test_torch_gpipe_trains_like_the_locked_schedule():
         validation = pipeline.evaluate(task)
         pipeline.reset()
         again = pipeline.run(0, 1)
+        # Stages share the machine as ccdni's actors do: gloo's threads too.
+        policies = {
+            policy
+            for process in pipeline.processes
+            for policy in thread_policies(process.pid).values()
+        }
     finally:
         pipeline.shutdown()
 
     got = [segment.losses[s] for s in range(steps)]
     assert got[0] == pytest.approx(expected[0], abs=1e-5)
     assert got == pytest.approx(expected, abs=1e-4)
+    if hasattr(os, "SCHED_BATCH"):
+        assert policies == {os.SCHED_BATCH}
     assert sum(got[-5:]) < sum(got[:5]) - 0.1  # it learns
     assert validation["loss"] == pytest.approx(
         trainer.evaluate(task.validation)["loss"], abs=1e-4
@@ -371,6 +381,8 @@ def test_flags_override_quick_and_quick_overrides_the_defaults():
     assert not parse("--no-output-context").train_config().time_context
     assert parse().cerebellum_nice == 10
     assert parse("--cerebellum-nice", "0").cerebellum_nice == 0
+    assert parse().batch_scheduling
+    assert not parse("--no-batch-scheduling").batch_scheduling
 
 
 @pytest.mark.parametrize(

@@ -1019,6 +1019,43 @@ stop.set()
     assert result["capped"] == 19
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "SCHED_BATCH"), reason="Linux")
+def test_batch_scheduling_reaches_every_thread_and_keeps_their_niceness():
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import json, os, threading
+from protos.process import batch_scheduling, lower_priority
+from tests.helpers import thread_niceness, thread_policies
+stop = threading.Event()
+early = threading.Thread(target=stop.wait)
+early.start()
+before = set(thread_policies().values())
+lower_priority(4)
+nice = thread_niceness()
+marked = batch_scheduling()
+late = threading.Thread(target=stop.wait)
+late.start()
+print(json.dumps({"before": sorted(before), "marked": marked,
+                  "policies": thread_policies(), "nice": nice,
+                  "nice_after": thread_niceness()}))
+stop.set()
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout
+    result = __import__("json").loads(out)
+    assert result["before"] == [os.SCHED_OTHER]
+    assert result["marked"] >= 2  # main and early (and torch's own, if any)
+    assert len(result["policies"]) == result["marked"] + 1  # and late
+    assert set(result["policies"].values()) == {os.SCHED_BATCH}
+    # Still 4 below, for the threads that existed before and the one started after.
+    assert set(result["nice_after"].values()) == set(result["nice"].values())
+    assert len(set(result["nice"].values())) == 1
+
+
 def test_lower_priority_refuses_to_raise_it():
     from protos.process import lower_priority
 

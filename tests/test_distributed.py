@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 
 import pytest
@@ -13,7 +14,7 @@ from orchestrator.config import ConfigError, TrainConfig
 from orchestrator.tasks.registry import load_task
 from orchestrator.trainer import Trainer
 from protos import checkpoint as ckpt
-from tests.helpers import thread_niceness, wait_until
+from tests.helpers import thread_niceness, thread_policies, wait_until
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -266,7 +267,7 @@ def test_killed_cerebellum_degrades_the_chunks_then_they_rejoin(tmp_path):
         cluster.shutdown()
 
 
-@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="Linux")
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="Linux")
 def test_the_cerebellum_actor_runs_below_the_chunks_priority(tmp_path):
     import ray
 
@@ -280,8 +281,13 @@ def test_the_cerebellum_actor_runs_below_the_chunks_priority(tmp_path):
     cluster.start()
     try:
         cluster.run(0, 2)  # every server and learner thread has started
-        chunk = set(thread_niceness(ray.get(cluster.chunks[0].pid.remote())).values())
+        chunk_pid = ray.get(cluster.chunks[0].pid.remote())
+        chunk = set(thread_niceness(chunk_pid).values())
         cerebellum = set(thread_niceness(cluster.cerebellum_pid).values())
+        policies = {
+            "chunk": set(thread_policies(chunk_pid).values()),
+            "cerebellum": set(thread_policies(cluster.cerebellum_pid).values()),
+        }
     finally:
         cluster.shutdown()
     # Under Ray's own worker niceness (15) a chunk's Python threads would start
@@ -289,6 +295,23 @@ def test_the_cerebellum_actor_runs_below_the_chunks_priority(tmp_path):
     # counterpart's in a chunk, capped at 19.
     assert 0 in chunk
     assert cerebellum == {min(19, value + 7) for value in chunk}
+    # Every thread, those of Ray and gRPC included, runs as a batch job.
+    assert policies == {"chunk": {os.SCHED_BATCH}, "cerebellum": {os.SCHED_BATCH}}
+
+
+def test_batch_scheduling_can_be_turned_off(tmp_path):
+    config = small_config(model="ccrnn")
+    dist = DistributedConfig(
+        schedule="decoupled", checkpoint_every=0, batch_scheduling=False
+    )
+    cluster = Cluster(config, dist, task_for(config), tmp_path)
+    assert not cluster._chunk_spec(0).batch_scheduling
+    assert not cluster._cerebellum_spec()["batch_scheduling"]
+    assert (
+        Cluster(config, DistributedConfig(), task_for(config), tmp_path)
+        ._chunk_spec(0)
+        .batch_scheduling
+    )
 
 
 def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path):
