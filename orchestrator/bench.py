@@ -122,9 +122,10 @@ class BenchConfig:
         timeline_seconds: seconds of the representative timelines to draw.
         cerebellum_nice: how far decoupled's cerebellum lowers its CPU priority
             (``--cerebellum-nice`` of training, the same default).
-        batch_scheduling: every contender's processes run their threads as
-            batch jobs (``--batch-scheduling`` of training, the same default;
-            the PyTorch stages too).
+        batch_scheduling: ccdni's actors run their threads as batch jobs
+            (``--batch-scheduling`` of training, the same default). The
+            PyTorch stages keep the system's default policy, as their users
+            would: under batch scheduling they measured slower.
         profile: also time, alone on the machine and with the run's shapes, a
             cerebellum's Predict (``python -m cerebellum_service.bench``), one
             window's activity sent between two processes, and a chunk's compute
@@ -415,7 +416,6 @@ class TorchSchedule:
             name,
             bench.micro_batches,
             device="cuda" if placement.gpus else "cpu",
-            batch_scheduling=bench.batch_scheduling,
         )
 
     def launch(self) -> None:
@@ -1333,8 +1333,9 @@ def describe_setup(result: dict[str, Any]) -> str:
                 else ""
             )
             + (
-                "; every process's threads scheduled as batch jobs "
-                "(`--batch-scheduling`)"
+                "; the actors' threads scheduled as batch jobs "
+                "(`--batch-scheduling`; the PyTorch stages under the default "
+                "policy)"
                 if config.get("batch_scheduling")
                 else ""
             )
@@ -2570,9 +2571,9 @@ def add_bench_parser(commands) -> argparse.ArgumentParser:
         "--batch-scheduling",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="run every contender's threads as batch jobs (Linux SCHED_BATCH; "
-        "default on, as in training; --no-batch-scheduling measures what it "
-        "buys)",
+        help="run the threads of ccdni's actors as batch jobs (Linux "
+        "SCHED_BATCH; default on, as in training; --no-batch-scheduling "
+        "measures what it buys; the PyTorch stages keep the default policy)",
     )
     parser.add_argument(
         "--profile",

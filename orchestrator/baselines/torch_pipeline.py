@@ -55,7 +55,6 @@ from cortex_service.loss import sequence_loss
 from cortex_service.network import CorticalChunk, State, build_chunk, window_bounds
 from orchestrator.config import ConfigError, TrainConfig
 from orchestrator.tasks.base import SequenceData, TaskData
-from protos.process import batch_scheduling, keep_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +176,6 @@ class StageJob:
     rank: int
     store_port: int
     device: str = "cpu"
-    batch_scheduling: bool = True
 
 
 class _StageRunner:
@@ -444,11 +442,6 @@ def _stage_main(job: StageJob, commands, replies) -> None:
     failed = False
     try:
         torch.set_num_threads(job.config.threads)
-        # The process settings of ccdni's actors, so that both sides share the
-        # machine alike (before gloo starts its threads: they inherit them).
-        if job.batch_scheduling:
-            batch_scheduling()
-        keep_freed_memory()
         backend = "gloo"
         if job.device == "cuda":
             torch.cuda.set_device(job.rank % torch.cuda.device_count())
@@ -497,8 +490,6 @@ class TorchPipeline:
         schedule: ``torch-gpipe`` or ``torch-1f1b``.
         micro_batches: M, micro-batches per batch.
         device: ``cpu`` (gloo) or ``cuda`` (one GPU per stage, NCCL).
-        batch_scheduling: the stages' threads run as batch jobs, as ccdni's
-            actors do by default (:func:`protos.process.batch_scheduling`).
         timeout: seconds to wait for any answer from the stage processes.
 
     Raises:
@@ -511,7 +502,6 @@ class TorchPipeline:
         schedule: str,
         micro_batches: int,
         device: str = "cpu",
-        batch_scheduling: bool = True,
         timeout: float = 600.0,
     ) -> None:
         if schedule not in SCHEDULES:
@@ -534,7 +524,6 @@ class TorchPipeline:
         self.schedule = schedule
         self.micro_batches = micro_batches
         self.device = device
-        self.batch_scheduling = batch_scheduling
         self.timeout = timeout
         self.processes: list[Any] = []
         self._commands: list[Any] = []
@@ -572,7 +561,6 @@ class TorchPipeline:
                 rank,
                 self._store.port,
                 self.device,
-                self.batch_scheduling,
             )
             process = context.Process(
                 target=_stage_main,
