@@ -14,11 +14,14 @@ import ctypes.util
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
 
 # The lowest CPU priority (highest niceness) Linux and POSIX systems allow.
 MAX_NICE = 19
+# Linux lists a process's threads here; priorities and policies are per thread.
+_TASKS = "/proc/self/task"
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -49,16 +52,14 @@ def lower_priority(increment: int) -> int:
         raise ValueError(f"nice increment must be at least 0, got {increment}")
     if increment == 0:
         return os.getpriority(os.PRIO_PROCESS, 0)
-    tasks = "/proc/self/task"
-    if not os.path.isdir(tasks):
+    if not os.path.isdir(_TASKS):
         return os.nice(increment)
-    for name in os.listdir(tasks):
-        tid = int(name)
-        try:
-            current = os.getpriority(os.PRIO_PROCESS, tid)
-            os.setpriority(os.PRIO_PROCESS, tid, min(MAX_NICE, current + increment))
-        except (ProcessLookupError, PermissionError):
-            continue  # a thread that ended meanwhile
+
+    def lower(tid: int) -> None:
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(MAX_NICE, current + increment))
+
+    _each_thread(lower)
     return os.getpriority(os.PRIO_PROCESS, 0)
 
 
@@ -82,17 +83,25 @@ def batch_scheduling() -> int:
         no such policy (nothing changes there).
     """
     policy = getattr(os, "SCHED_BATCH", None)
-    tasks = "/proc/self/task"
-    if policy is None or not os.path.isdir(tasks):
+    if policy is None or not os.path.isdir(_TASKS):
         return 0
-    marked = 0
-    for name in os.listdir(tasks):
+    return _each_thread(
+        lambda tid: os.sched_setscheduler(tid, policy, os.sched_param(0))
+    )
+
+
+def _each_thread(apply: Callable[[int], None]) -> int:
+    """Call ``apply`` with the id of every thread of this process (Linux's
+    ``/proc/self/task``); returns how many it reached. A thread that ends
+    meanwhile is skipped."""
+    reached = 0
+    for name in os.listdir(_TASKS):
         try:
-            os.sched_setscheduler(int(name), policy, os.sched_param(0))
+            apply(int(name))
         except (ProcessLookupError, PermissionError):
             continue  # a thread that ended meanwhile
-        marked += 1
-    return marked
+        reached += 1
+    return reached
 
 
 def keep_freed_memory() -> bool:

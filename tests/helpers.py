@@ -134,20 +134,26 @@ def wait_until(
 
 def thread_policies(pid: int | str = "self") -> dict[int, int]:
     """Scheduling policy of every thread of a process (``os.SCHED_*``)."""
-    values = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            values[int(tid)] = os.sched_getscheduler(int(tid))
-        except ProcessLookupError:
-            continue  # a thread that ended meanwhile
-    return values
+    return _per_thread(pid, lambda tid: os.sched_getscheduler(tid))
 
 
 def thread_niceness(pid: int | str = "self") -> dict[int, int]:
     """Niceness of every thread of a process, from /proc (field 19 of stat)."""
+
+    def niceness(tid: int) -> int:
+        with open(f"/proc/{pid}/task/{tid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[16])
+
+    return _per_thread(pid, niceness)
+
+
+def _per_thread(pid: int | str, read: Callable[[int], int]) -> dict[int, int]:
+    """``read(tid)`` for every thread of a process, skipping any that ends
+    while it is read."""
     values = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        values[int(tid)] = int(fields[16])
+        try:
+            values[int(tid)] = read(int(tid))
+        except (ProcessLookupError, FileNotFoundError):
+            continue  # a thread that ended meanwhile
     return values
