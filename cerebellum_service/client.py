@@ -761,7 +761,32 @@ def _predict_request(queries: Sequence[Query]) -> pb.PredictRequest:
     return request
 
 
-class _StreamedReply(PendingPrediction):
+class _Reply(PendingPrediction):
+    """A Predict in flight: :meth:`result` waits for it once and keeps what it
+    gave; where the first attempt cannot answer, :meth:`_unary` makes it again
+    as :meth:`RemoteCerebellum.predict` would."""
+
+    def __init__(
+        self, client: RemoteCerebellum, request: pb.PredictRequest, count: int
+    ) -> None:
+        self._client = client
+        self._request = request
+        self._count = count
+        self._outcome: list[torch.Tensor | None] | None = None
+
+    def result(self) -> list[torch.Tensor | None]:
+        if self._outcome is None:
+            self._outcome = self._wait()
+        return self._outcome
+
+    def _wait(self) -> list[torch.Tensor | None]:
+        raise NotImplementedError
+
+    def _unary(self, retries: int) -> list[torch.Tensor | None]:
+        return self._client._call_predict(self._request, self._count, retries)
+
+
+class _StreamedReply(_Reply):
     """A Predict sent on the PredictStream. Refused there, it raises as a unary
     call would; where the stream broke or did not answer in time, it is made
     again as a unary call (with :meth:`RemoteCerebellum.predict`'s retries,
@@ -775,17 +800,12 @@ class _StreamedReply(PendingPrediction):
         request: pb.PredictRequest,
         count: int,
     ) -> None:
-        self._client = client
+        super().__init__(client, request, count)
         self._stream = stream
         self._reply = reply
-        self._request = request
-        self._count = count
         self._sent = time.perf_counter()
-        self._outcome: list[torch.Tensor | None] | None = None
 
-    def result(self) -> list[torch.Tensor | None]:
-        if self._outcome is not None:
-            return self._outcome
+    def _wait(self) -> list[torch.Tensor | None]:
         client = self._client
         waited = time.perf_counter() - self._sent
         try:
@@ -803,18 +823,14 @@ class _StreamedReply(PendingPrediction):
             reply = None
         if reply is None:
             client.counters.add("predict_stream_fallbacks")
-            self._outcome = client._call_predict(
-                self._request, self._count, client.retries
-            )
-            return self._outcome
+            return self._unary(client.retries)
         if client.timer is not None:
             client.timer("PredictStream", time.perf_counter() - self._sent)
-        self._outcome = client._predictions(reply, self._count)
-        return self._outcome
+        return client._predictions(reply, self._count)
 
 
-class _PendingReply(PendingPrediction):
-    """A Predict in flight (``RemoteCerebellum.predict_async``)."""
+class _PendingReply(_Reply):
+    """A unary Predict in flight (``RemoteCerebellum.predict_async``)."""
 
     def __init__(
         self,
@@ -824,25 +840,16 @@ class _PendingReply(PendingPrediction):
         count: int,
         retry: bool,
     ) -> None:
-        self._client = client
+        super().__init__(client, request, count)
         self._future = future
-        self._request = request
-        self._count = count
         self._retry = retry
-        self._outcome: list[torch.Tensor | None] | None = None
 
-    def result(self) -> list[torch.Tensor | None]:
-        if self._outcome is not None:
-            return self._outcome
+    def _wait(self) -> list[torch.Tensor | None]:
         client = self._client
         try:
-            self._outcome = client._predictions(self._future.result(), self._count)
+            return client._predictions(self._future.result(), self._count)
         except grpc.RpcError as error:
             if self._retry and client.retries and error.code() in RETRYABLE_CODES:
                 # The first attempt was the future; the rest as predict makes them.
-                self._outcome = client._call_predict(
-                    self._request, self._count, client.retries - 1
-                )
-            else:
-                self._outcome = client._failed(error, self._count)
-        return self._outcome
+                return self._unary(client.retries - 1)
+            return client._failed(error, self._count)
