@@ -304,22 +304,27 @@ def test_batch_scheduling_can_be_turned_off(tmp_path):
     dist = DistributedConfig(
         schedule="decoupled", checkpoint_every=0, batch_scheduling=False
     )
-    cluster = Cluster(config, dist, task_for(config), tmp_path)
+    task = task_for(config)
+    cluster = Cluster(config, dist, task, tmp_path)
     assert not cluster._chunk_spec(0).batch_scheduling
     assert not cluster._cerebellum_spec()["batch_scheduling"]
-    assert (
-        Cluster(config, DistributedConfig(), task_for(config), tmp_path)
-        ._chunk_spec(0)
-        .batch_scheduling
-    )
+    default = Cluster(config, DistributedConfig(), task, tmp_path)
+    assert default._chunk_spec(0).batch_scheduling
 
 
-def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path):
+def _finished_run(tmp_path, steps: int):
+    """A decoupled run of ``steps`` steps checkpointed every 4, in ``tmp_path/run``:
+    (its config, its task, its directory)."""
     config = small_config()
     task = task_for(config)
     out = tmp_path / "run"
-    dist = DistributedConfig(schedule="decoupled", steps=12, checkpoint_every=4)
+    dist = DistributedConfig(schedule="decoupled", steps=steps, checkpoint_every=4)
     train_distributed(config, dist, task, out, progress=False)
+    return config, task, out
+
+
+def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path):
+    config, task, out = _finished_run(tmp_path, steps=12)
     root = out / "checkpoints"
     names = ["chunk-0", "chunk-1"]
     assert ckpt.complete_steps(root, names)[:2] == [12, 8]
@@ -342,11 +347,7 @@ def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path):
 
 
 def test_resuming_a_finished_run_says_so_and_leaves_its_files_alone(tmp_path):
-    config = small_config()
-    task = task_for(config)
-    out = tmp_path / "run"
-    dist = DistributedConfig(schedule="decoupled", steps=8, checkpoint_every=4)
-    train_distributed(config, dist, task, out, progress=False)
+    config, task, out = _finished_run(tmp_path, steps=8)
 
     def outputs() -> dict[str, bytes]:
         # Not the Prometheus target list: every start writes its actors there.
