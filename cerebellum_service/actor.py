@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from cerebellum_service.config import CerebellumConfig
+from cerebellum_service.config import CerebellumConfig, resolve_precision
 from cerebellum_service.servicer import CerebellumServicer, add_to_server
 from protos import checkpoint as ckpt
 from protos.metrics import metrics_for
@@ -68,9 +68,12 @@ class CerebellumActor:
             secret), ``threads`` (torch threads), ``nice`` (how far to lower
             this process's CPU priority, 0 for not at all), ``batch_scheduling``
             (its threads run as batch jobs, default on; see
-            :func:`protos.process.batch_scheduling`), ``clients`` (the chunks
-            that will call it, which sizes its call threads) and optionally
-            ``host``.
+            :func:`protos.process.batch_scheduling`), ``precision`` (the dtype
+            of its arithmetic and of the traffic it is sent: ``float32``, the
+            default, ``bfloat16``, or ``auto``, resolved on this machine by
+            :func:`cerebellum_service.config.resolve_precision`), ``clients``
+            (the chunks that will call it, which sizes its call threads) and
+            optionally ``host``.
     """
 
     def __init__(self, spec: dict[str, Any]) -> None:
@@ -89,6 +92,7 @@ class CerebellumActor:
                 "zones": spec["zones"],
                 "lr": spec.get("lr", 1e-3),
                 "learning": spec.get("learning", "background"),
+                "compute_dtype": resolve_precision(spec.get("precision", "float32")),
             }
         )
         self.servicer = CerebellumServicer(config)
@@ -116,6 +120,10 @@ class CerebellumActor:
 
     def address(self) -> str:
         return self.server.address
+
+    def precision(self) -> str:
+        """The dtype of this cerebellum's arithmetic, which its clients send in."""
+        return self.servicer.config.compute_dtype
 
     def metrics_address(self) -> str | None:
         if self.metrics_port is None:

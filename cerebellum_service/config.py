@@ -24,6 +24,13 @@ from cerebellum_service.network import Microzone
 ZONE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 """Parameter dtypes a microzone may have."""
 
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+"""Dtypes of a cerebellum's arithmetic (``LocalCerebellum.compute_dtype``)."""
+
+PRECISIONS = ("auto", *COMPUTE_DTYPES)
+"""What a cerebellum actor may be asked to compute in; ``auto`` resolves by
+:func:`resolve_precision`."""
+
 LESIONS = (None, "cerebellum", "olive")
 """``cerebellum``: no predictions; ``olive``: predictions go on, learning stops."""
 
@@ -52,7 +59,7 @@ _ZONE_KEYS = (
     "init_seed",
     "dtype",
 )
-_TOP_KEYS = ("zones", "lr", "cache_size", "lesion", "learning")
+_TOP_KEYS = ("zones", "lr", "cache_size", "lesion", "learning", "compute_dtype")
 # Names the zones' container already uses for attributes (keys, train, ...).
 _NAME_PROBE = nn.ModuleDict()
 
@@ -120,13 +127,15 @@ class ZoneSpec:
 @dataclass(frozen=True)
 class CerebellumConfig:
     """Everything ``Configure`` sets: microzones, learning rate, cache, lesion,
-    and when the server learns (:data:`LEARNING`)."""
+    when the server learns (:data:`LEARNING`) and the dtype of its arithmetic
+    (:data:`COMPUTE_DTYPES`)."""
 
     zones: tuple[ZoneSpec, ...]
     lr: float = 1e-3
     cache_size: int = 4096
     lesion: str | None = None
     learning: str = "background"
+    compute_dtype: str = "float32"
     zone_names: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -138,6 +147,7 @@ class CerebellumConfig:
             {spec.name: spec.build() for spec in self.zones},
             lr=self.lr,
             cache_size=self.cache_size,
+            compute_dtype=COMPUTE_DTYPES[self.compute_dtype],
         )
         cerebellum.frozen = self.lesion == "olive"
         return cerebellum
@@ -150,6 +160,7 @@ class CerebellumConfig:
             "cache_size": self.cache_size,
             "lesion": self.lesion,
             "learning": self.learning,
+            "compute_dtype": self.compute_dtype,
         }
 
     def with_lesion(self, lesion: str | None) -> CerebellumConfig:
@@ -194,7 +205,48 @@ class CerebellumConfig:
             ),
             lesion=parse_lesion(raw.get("lesion"), "lesion"),
             learning=_choice(raw.get("learning", "background"), "learning", LEARNING),
+            compute_dtype=_choice(
+                raw.get("compute_dtype", "float32"), "compute_dtype", COMPUTE_DTYPES
+            ),
         )
+
+
+def resolve_precision(requested: str, device: torch.device | None = None) -> str:
+    """The compute dtype for ``requested`` (:data:`PRECISIONS`) on ``device``.
+
+    ``auto`` is ``bfloat16`` where the device computes it natively (a GPU that
+    supports it; a CPU with AVX512-BF16 or AMX, or an Arm CPU with BF16) and
+    ``float32`` elsewhere, where autocast would emulate bfloat16 more slowly
+    than it computes float32.
+
+    Raises:
+        ConfigError: ``requested`` is not one of :data:`PRECISIONS`.
+    """
+    precision = _choice(requested, "precision", PRECISIONS)
+    if precision != "auto":
+        return precision
+    device = device or torch.device("cpu")
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    else:
+        native = native_cpu_bfloat16()
+    return "bfloat16" if native else "float32"
+
+
+def native_cpu_bfloat16() -> bool:
+    """Whether this machine's CPU computes bfloat16 matrix products in hardware."""
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        check = getattr(torch.cpu, probe, None)
+        if check is not None and check():
+            return True
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("Features") and "bf16" in line.split():
+                    return True  # Arm's FEAT_BF16
+    except OSError:
+        pass
+    return False
 
 
 def parse_lesion(value: object, key: str = "lesion") -> str | None:
@@ -280,7 +332,7 @@ def _zone(raw: object, key: str, max_parameters: int) -> ZoneSpec:
 
 
 def _choice(value: object, key: str, allowed: Sequence[str]) -> str:
-    if value not in allowed or not isinstance(value, str):
+    if not isinstance(value, str) or value not in allowed:
         raise ConfigError(key, f"is {value!r}; expected one of {list(allowed)}")
     return value
 

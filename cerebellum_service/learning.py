@@ -134,6 +134,11 @@ class LocalCerebellum(FeedbackPredictor):
         lr: Adam learning rate of the cerebellum.
         cache_size: activity entries kept for observations still to come; the
             oldest are dropped first and a later observation for one is a miss.
+        compute_dtype: the dtype of the microzones' arithmetic. ``bfloat16``
+            runs their matrix products under autocast and keeps the activity
+            and feedback it holds in bfloat16, while weights, gradients and the
+            optimiser state keep the zones' own dtype; predictions come back in
+            the dtype of the activity they answer.
 
     Thread-safe: a server may call :meth:`predict` while another thread learns.
     """
@@ -143,12 +148,19 @@ class LocalCerebellum(FeedbackPredictor):
         zones: Mapping[str, Microzone],
         lr: float = 1e-3,
         cache_size: int = 4096,
+        compute_dtype: torch.dtype = torch.float32,
     ) -> None:
         if not zones:
             raise ValueError("a cerebellum needs at least one microzone")
         if cache_size < 1:
             raise ValueError(f"cache_size must be at least 1, got {cache_size}")
+        if compute_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(
+                f"compute_dtype must be torch.float32 or torch.bfloat16, got "
+                f"{compute_dtype}"
+            )
         self.zones = nn.ModuleDict(dict(zones))
+        self.compute_dtype = compute_dtype
         # fused, as the chunks' (cortex_service.learning): half the time of an
         # update of a small zone, which the server makes once per window.
         self.optimizer = torch.optim.Adam(self.zones.parameters(), lr=lr, fused=True)
@@ -177,12 +189,30 @@ class LocalCerebellum(FeedbackPredictor):
             raise KeyError(f"unknown microzone {name!r}; known: {sorted(self.zones)}")
         return self.zones[name]
 
+    def storage_dtype(self, zone: str) -> torch.dtype:
+        """The dtype activity and feedback for ``zone`` are best handed over in
+        (and are kept in): bfloat16 where the arithmetic is, else the zone's."""
+        if self.compute_dtype == torch.bfloat16:
+            return torch.bfloat16
+        return self.zone(zone).purkinje.weight.dtype
+
+    def _arithmetic(self, zone: Microzone):
+        """Autocast to the compute dtype where it is not the zone's own."""
+        weight = zone.purkinje.weight
+        return torch.autocast(
+            weight.device.type,
+            dtype=torch.bfloat16,
+            enabled=self.compute_dtype == torch.bfloat16,
+        )
+
     def predict(self, queries: Sequence[Query]) -> list[torch.Tensor | None]:
         predictions: list[torch.Tensor | None] = []
         with self._lock, torch.no_grad():
             for query in queries:
-                prediction = self.zone(query.zone)(query.activity, query.context)
-                predictions.append(prediction)
+                zone = self.zone(query.zone)
+                with self._arithmetic(zone):
+                    prediction = zone(query.activity, query.context)
+                predictions.append(prediction.to(query.activity.dtype))
                 self._remember(query)
                 self.stats[query.zone].predictions += 1
         return predictions
@@ -262,8 +292,11 @@ class LocalCerebellum(FeedbackPredictor):
                     else None
                 )
                 target = torch.cat([t for _, _, t in examples])
-                prediction = self.zones[zone](activity, context)
-                loss = F.mse_loss(prediction, target)
+                microzone = self.zones[zone]
+                with self._arithmetic(microzone):
+                    prediction = microzone(activity, context)
+                dtype = microzone.purkinje.weight.dtype
+                loss = F.mse_loss(prediction.to(dtype), target.to(dtype))
                 total = total + loss
                 records.append(
                     (zone, prediction.detach(), target, float(loss.detach()))

@@ -351,7 +351,7 @@ class CerebellumServicer(pb_grpc.CerebellumServicer):
             raise RequestError(
                 _INVALID, f"{field}.activity: is missing", "missing_field"
             )
-        zone_dtype = zone.purkinje.weight.dtype
+        zone_dtype = cerebellum.storage_dtype(msg.zone)
 
         activity = decode_matrix(msg.activity, f"{field}.activity", unary=True)
         check_columns(
@@ -533,7 +533,7 @@ class CerebellumServicer(pb_grpc.CerebellumServicer):
         reason = _fit_reason(observation, zone)
         if reason is not None:
             return "rejected", reason
-        dtype = zone.purkinje.weight.dtype
+        dtype = cerebellum.storage_dtype(observation.zone)
         converted = [
             None if tensor is None else tensor.to(dtype)
             for tensor in (

@@ -24,6 +24,7 @@ import grpc
 import torch
 
 from cerebellum_service.actor import node_address
+from cerebellum_service.config import COMPUTE_DTYPES
 from cortex_service.learning import ChunkLearner
 from cortex_service.network import build_chunk
 from cortex_service.runtime import Aborted, Batch, ChunkRuntime, ChunkSpec, Mailbox
@@ -257,9 +258,18 @@ class ChunkActor:
         return os.getpid()
 
     def connect(
-        self, below: str | None, above: str | None, cerebellum: str | None
+        self,
+        below: str | None,
+        above: str | None,
+        cerebellum: str | None,
+        cerebellum_dtype: str | None = None,
     ) -> None:
-        """Open clients to the neighbours and the cerebellum; build the runtime."""
+        """Open clients to the neighbours and the cerebellum; build the runtime.
+
+        ``cerebellum_dtype`` (a wire dtype name, e.g. ``bfloat16``) is what
+        activity and feedback travel to the cerebellum in; None sends them as
+        computed.
+        """
         security = ClientSecurity(token=self.config.token)
         self._close_peers()
         if self.runtime is not None and hasattr(self.runtime.cerebellum, "close"):
@@ -284,6 +294,9 @@ class ChunkActor:
             above=above_peer,
             cerebellum=self._cerebellum_client(cerebellum),
             device=self.device,
+            cerebellum_dtype=(
+                None if cerebellum_dtype is None else COMPUTE_DTYPES[cerebellum_dtype]
+            ),
         )
         self.runtime.timeline.on_span = self.metrics.phase
 
@@ -380,6 +393,9 @@ class ChunkActor:
             "activity_depth": len(self.activity_in),
             "feedback_depth": len(self.feedback_in),
             "step_seconds": list(self.step_seconds),
+            "cerebellum_dtype": None
+            if runtime is None or runtime.cerebellum_dtype is None
+            else str(runtime.cerebellum_dtype).removeprefix("torch."),
         }
 
     def results(self, since: int = 0) -> dict[str, Any]:

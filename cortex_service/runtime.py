@@ -327,6 +327,10 @@ class ChunkRuntime:
         below: the chunk below (observed feedback goes there), or None.
         above: the chunk above (activity goes there), or None.
         cerebellum: predicted feedback, or None (cRNN; or degraded).
+        cerebellum_dtype: the dtype activity and feedback travel to the
+            cerebellum in (None: the chunk's own); predictions come back into
+            the chunk's dtype. A cerebellum that computes in bfloat16 is sent
+            bfloat16, half the bytes.
     """
 
     def __init__(
@@ -343,8 +347,10 @@ class ChunkRuntime:
         above: Neighbour | None = None,
         cerebellum: FeedbackPredictor | None = None,
         device: torch.device | str = "cpu",
+        cerebellum_dtype: torch.dtype | None = None,
     ) -> None:
         self.spec = spec
+        self.cerebellum_dtype = cerebellum_dtype
         self.device = torch.device(device)
         self.learner = learner
         self.kind = kind
@@ -378,11 +384,14 @@ class ChunkRuntime:
         """Send the queries now; :meth:`_take` waits for the answers."""
         if self.cerebellum is None or not queries:
             return _Asked(queries, None)
+        sent = queries
         if self.device.type != "cpu":
-            queries = [_query_on_host(q) for q in queries]
+            sent = [_query_on_host(q) for q in sent]
+        if self.cerebellum_dtype is not None:
+            sent = [_query_as(q, self.cerebellum_dtype) for q in sent]
         key = queries[0].key
         with self.timeline.span("send", key.batch, key.window, key.micro_batch):
-            pending = self.cerebellum.predict_async(queries)
+            pending = self.cerebellum.predict_async(sent)
         return _Asked(queries, pending)
 
     def _take(self, asked: _Asked) -> list[torch.Tensor | None]:
@@ -392,8 +401,10 @@ class ChunkRuntime:
         with self.timeline.span("predict", key.batch, key.window, key.micro_batch):
             predictions = asked.pending.result()
         predictions = [
-            None if p is None else p.to(self.device, non_blocking=True)
-            for p in predictions
+            None
+            if p is None
+            else p.to(self.device, query.activity.dtype, non_blocking=True)
+            for p, query in zip(predictions, asked.queries, strict=True)
         ]
         if any(p is None for p in predictions):
             self.degraded_windows += 1
@@ -413,6 +424,10 @@ class ChunkRuntime:
         if self.cerebellum is not None and observations:
             if self.device.type != "cpu":
                 observations = [_observation_on_host(o) for o in observations]
+            if self.cerebellum_dtype is not None:
+                observations = [
+                    _observation_as(o, self.cerebellum_dtype) for o in observations
+                ]
             self.cerebellum.observe(observations)
 
     def _micro_rows(self, size: int) -> list[slice]:
@@ -689,3 +704,25 @@ def _query_on_host(query: Query) -> Query:
 
 def _observation_on_host(observation: Observation) -> Observation:
     return dataclasses.replace(observation, feedback=to_host(observation.feedback))
+
+
+def _as(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``tensor`` in ``dtype`` if it holds real numbers (others stay as they are)."""
+    if tensor is None or not tensor.is_floating_point():
+        return tensor
+    return tensor.to(dtype)
+
+
+def _query_as(query: Query, dtype: torch.dtype) -> Query:
+    return Query(
+        query.zone, query.key, _as(query.activity, dtype), _as(query.context, dtype)
+    )
+
+
+def _observation_as(observation: Observation, dtype: torch.dtype) -> Observation:
+    return dataclasses.replace(
+        observation,
+        feedback=_as(observation.feedback, dtype),
+        activity=_as(observation.activity, dtype),
+        context=_as(observation.context, dtype),
+    )

@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from cerebellum_service.config import PRECISIONS
 from cortex_service.runtime import SCHEDULES
 from orchestrator.baselines.torch_pipeline import SCHEDULES as TORCH_SCHEDULES
 from orchestrator.config import (
@@ -122,6 +123,10 @@ class BenchConfig:
         timeline_seconds: seconds of the representative timelines to draw.
         cerebellum_nice: how far decoupled's cerebellum lowers its CPU priority
             (``--cerebellum-nice`` of training, the same default).
+        cerebellum_precision: the dtype of decoupled's cerebellum's arithmetic
+            and traffic (``--cerebellum-precision`` of training, the same
+            default, ``auto``); the chunks compute in float32 under every
+            schedule.
         batch_scheduling: ccdni's actors run their threads as batch jobs
             (``--batch-scheduling`` of training, the same default). The
             PyTorch stages keep the system's default policy, as their users
@@ -165,6 +170,7 @@ class BenchConfig:
     profile: bool = False
     cerebellum_nice: int = 10
     batch_scheduling: bool = True
+    cerebellum_precision: str = "auto"
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -187,9 +193,13 @@ class BenchConfig:
                 raise ConfigError(f"{flag} must be at least 1, got {value}")
         if self.warmup < 0:
             raise ConfigError(f"--warmup must be 0 or more, got {self.warmup}")
-        from orchestrator.cluster import check_cerebellum_nice
+        from orchestrator.cluster import (
+            check_cerebellum_nice,
+            check_cerebellum_precision,
+        )
 
         check_cerebellum_nice(self.cerebellum_nice)
+        check_cerebellum_precision(self.cerebellum_precision)
         if not self.schedules:
             raise ConfigError("--schedules is empty: name at least one schedule")
         unknown = [s for s in self.schedules if s not in ALL_SCHEDULES]
@@ -333,6 +343,7 @@ class RaySchedule:
             metrics=bench.metrics,
             cerebellum_nice=bench.cerebellum_nice,
             batch_scheduling=bench.batch_scheduling,
+            cerebellum_precision=bench.cerebellum_precision,
         )
         self.cluster = Cluster(config, dist, task, scratch / f"{name}-k{config.chunks}")
         self._pids: dict[str, int] = {}
@@ -349,6 +360,10 @@ class RaySchedule:
         if self.cluster.cerebellum is not None:
             handles.append(self.cluster.cerebellum)
         self._pids = dict(zip(names, ray.get([h.pid.remote() for h in handles])))
+
+    @property
+    def cerebellum_precision(self) -> str | None:
+        return self.cluster.cerebellum_precision
 
     def reset(self) -> None:
         self.cluster.restore_latest()
@@ -549,12 +564,15 @@ class Run:
         curve: an evaluation before the first segment and after each.
         actor_names: the contender's processes (``chunk-k``, ``cerebellum``).
         peak_rss: peak resident bytes of each, read after the run.
+        cerebellum_precision: what the contender's cerebellum computed in
+            (``--cerebellum-precision`` as it resolved), None without one.
     """
 
     segments: list[Segment] = field(default_factory=list)
     curve: list[dict[str, Any]] = field(default_factory=list)
     actor_names: list[str] = field(default_factory=list)
     peak_rss: dict[str, int | None] = field(default_factory=dict)
+    cerebellum_precision: str | None = None
 
     @property
     def seconds(self) -> float:
@@ -586,7 +604,10 @@ def run_once(
     and without evaluations (the sweep) pay the same pipeline fill and drain.
     """
     contender.reset()
-    run = Run(actor_names=list(contender.pids()))
+    run = Run(
+        actor_names=list(contender.pids()),
+        cerebellum_precision=getattr(contender, "cerebellum_precision", None),
+    )
     every = bench.eval_every
     examples = 0
     seconds = 0.0
@@ -959,6 +980,7 @@ def summarise(
             "kind": "ccdni" if ccdni else "torch",
             "model": bench.model if ccdni else "crnn",
             "uses_cerebellum": "cerebellum" in rs[0].actor_names,
+            "cerebellum_precision": rs[0].cerebellum_precision,
             "steps_per_second": statistics.median(rates),
             "steps_per_second_spread": spread(rates),
             "examples_per_second": statistics.median(examples),
@@ -1302,6 +1324,12 @@ def describe_setup(result: dict[str, Any]) -> str:
     gpus = ", ".join(machine["gpus"]) if machine["gpus"] else "no GPU"
     load = result["load"]
     placement = result["placement"][str(config["chunks"])]
+    precisions = [
+        record.get("cerebellum_precision")
+        for record in result["schedules"].values()
+        if record.get("uses_cerebellum")
+    ]
+    precision = next((p for p in precisions if p), None)
     devices = (
         "one GPU per actor and per PyTorch stage"
         if placement["gpus"]
@@ -1330,6 +1358,13 @@ def describe_setup(result: dict[str, Any]) -> str:
                 f", its process at nice {config['cerebellum_nice']} "
                 "(`--cerebellum-nice`)"
                 if config.get("cerebellum_nice")
+                else ""
+            )
+            + (
+                f", its arithmetic and the traffic to it in {precision} "
+                f"(`--cerebellum-precision {config.get('cerebellum_precision')}`; "
+                "the chunks compute in float32 under every schedule)"
+                if precision
                 else ""
             )
             + (
@@ -1914,6 +1949,7 @@ _RECORD = {
         "kind": {"enum": ["ccdni", "torch"]},
         "model": {"enum": list(MODELS)},
         "uses_cerebellum": {"type": "boolean"},
+        "cerebellum_precision": {"enum": ["float32", "bfloat16", None]},
         "steps_per_second": {"type": "number", "exclusiveMinimum": 0},
         "steps_per_second_spread": _SPREAD,
         "examples_per_second": {"type": "number", "exclusiveMinimum": 0},
@@ -2574,6 +2610,13 @@ def add_bench_parser(commands) -> argparse.ArgumentParser:
         help="run the threads of ccdni's actors as batch jobs (Linux "
         "SCHED_BATCH; default on, as in training; --no-batch-scheduling "
         "measures what it buys; the PyTorch stages keep the default policy)",
+    )
+    parser.add_argument(
+        "--cerebellum-precision",
+        choices=PRECISIONS,
+        help="dtype of decoupled's cerebellum's arithmetic and of the traffic "
+        "to it (default auto, as in training: bfloat16 where the CPU or GPU "
+        "computes it natively)",
     )
     parser.add_argument(
         "--profile",

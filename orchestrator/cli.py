@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cerebellum_service.config import LEARNING
+from cerebellum_service.config import LEARNING, PRECISIONS
 from cortex_service.runtime import SCHEDULES
 from orchestrator.bench import add_bench_parser, run_bench_command
 from orchestrator.config import (
@@ -188,6 +188,14 @@ def add_distributed_options(parser: argparse.ArgumentParser) -> None:
         "one that computes",
     )
     group.add_argument(
+        "--cerebellum-precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="dtype of the cerebellum's arithmetic and of the activity and "
+        "feedback sent to it (default auto: bfloat16 where its device computes "
+        "bfloat16 natively, else float32; weights stay float32)",
+    )
+    group.add_argument(
         "--prometheus-sd",
         metavar="FILE",
         help="write the Prometheus file_sd list of actor endpoints here "
@@ -214,6 +222,7 @@ def distributed_from_args(args: argparse.Namespace):
         cerebellum_learning=args.cerebellum_learning,
         cerebellum_nice=args.cerebellum_nice,
         batch_scheduling=args.batch_scheduling,
+        cerebellum_precision=args.cerebellum_precision,
     )
 
 

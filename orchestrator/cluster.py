@@ -25,7 +25,7 @@ from typing import Any
 
 import msgpack
 
-from cerebellum_service.config import LEARNING
+from cerebellum_service.config import LEARNING, PRECISIONS
 from cortex_service.actor import ChunkActor, ChunkActorSpec, chunk_name
 from cortex_service.runtime import SCHEDULES, ChunkSpec
 from orchestrator.batches import BatchSource, BatchStream
@@ -80,6 +80,11 @@ class DistributedConfig:
         batch_scheduling: every actor's threads run as batch jobs (Linux's
             SCHED_BATCH), so a thread woken by a message does not preempt one
             that computes (:func:`protos.process.batch_scheduling`).
+        cerebellum_precision: the dtype of the cerebellum's arithmetic and of
+            the activity and feedback the chunks send it: ``float32``,
+            ``bfloat16`` (weights and optimiser state stay float32), or
+            ``auto``, bfloat16 where the cerebellum's device computes it
+            natively (:func:`cerebellum_service.config.resolve_precision`).
     """
 
     schedule: str = "decoupled"
@@ -99,9 +104,11 @@ class DistributedConfig:
     cerebellum_learning: str = "background"
     cerebellum_nice: int = 10
     batch_scheduling: bool = True
+    cerebellum_precision: str = "auto"
 
     def __post_init__(self) -> None:
         check_cerebellum_nice(self.cerebellum_nice)
+        check_cerebellum_precision(self.cerebellum_precision)
         if self.schedule not in SCHEDULES:
             raise ConfigError(
                 f"--schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}"
@@ -135,6 +142,13 @@ class DistributedConfig:
             raise ConfigError(
                 f"--cpus-per-actor must be in (0, 64], got {self.cpus_per_actor}"
             )
+
+
+def check_cerebellum_precision(value: str) -> None:
+    if value not in PRECISIONS:
+        raise ConfigError(
+            f"--cerebellum-precision {value!r}: choose one of {', '.join(PRECISIONS)}"
+        )
 
 
 def check_cerebellum_nice(value: int) -> None:
@@ -234,6 +248,8 @@ class Cluster:
         self.chunks: list[Any] = []
         self.cerebellum: Any = None
         self.cerebellum_address: str | None = None
+        # What the cerebellum computes in, as it resolved --cerebellum-precision.
+        self.cerebellum_precision: str | None = None
         self.cerebellum_pid: int | None = None
         self._stopping = False
         # Lesions by the step they take effect at (config.lesions in steps), and
@@ -397,6 +413,7 @@ class Cluster:
             "learning": self.dist.cerebellum_learning,
             "nice": self.dist.cerebellum_nice,
             "batch_scheduling": self.dist.batch_scheduling,
+            "precision": self.dist.cerebellum_precision,
             "clients": self.config.chunks,
             "token": self.token,
             "threads": self.config.threads,
@@ -412,11 +429,16 @@ class Cluster:
         if self.cerebellum is not None:
             self.cerebellum_address = ray.get(self.cerebellum.address.remote())
             self.cerebellum_pid = ray.get(self.cerebellum.pid.remote())
+            self.cerebellum_precision = ray.get(self.cerebellum.precision.remote())
         calls = []
         for index, actor in enumerate(self.chunks):
             below = addresses[index - 1] if index > 0 else None
             above = addresses[index + 1] if index + 1 < len(addresses) else None
-            calls.append(actor.connect.remote(below, above, self.cerebellum_address))
+            calls.append(
+                actor.connect.remote(
+                    below, above, self.cerebellum_address, self.cerebellum_precision
+                )
+            )
         ray.get(calls)
         logger.debug(
             "wired chunks %s, cerebellum %s", addresses, self.cerebellum_address

@@ -10,6 +10,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+import torch
+
 from cerebellum_service.learning import FeedbackPredictor, LocalCerebellum
 from cortex_service.learning import ChunkLearner
 from cortex_service.network import build_chunks
@@ -55,6 +57,7 @@ def run_threaded(
     token: str = "threaded-run-token",
     cerebellum: FeedbackPredictor | None = None,
     look_ahead: bool = True,
+    cerebellum_dtype: torch.dtype | None = None,
 ) -> ThreadedRun:
     """Train ``steps`` batches with every chunk in its own thread.
 
@@ -64,6 +67,10 @@ def run_threaded(
         cerebellum: use this predictor (a remote cerebellum, say) instead of
             building a local one.
         look_ahead: ``ChunkSpec.look_ahead``.
+        cerebellum_dtype: the cerebellum's precision: the chunks send it
+            activity and feedback in this dtype (``ChunkRuntime``'s), and the
+            local one built here computes in it. None: float32 arithmetic, the
+            chunks' own dtype on the way.
     """
     chunks = build_chunks(
         task.input_size,
@@ -83,7 +90,11 @@ def run_threaded(
         context_size(config, n_labels, task.seq_len),
     )
     if cerebellum is None and specs:
-        cerebellum = LocalCerebellum(build_microzones(specs), lr=config.cerebellum_lr)
+        cerebellum = LocalCerebellum(
+            build_microzones(specs),
+            lr=config.cerebellum_lr,
+            compute_dtype=cerebellum_dtype or torch.float32,
+        )
     truncation = config.effective_truncation(task.seq_len)
     boxes = [
         (
@@ -129,6 +140,7 @@ def run_threaded(
                 below=below,
                 above=above,
                 cerebellum=cerebellum,
+                cerebellum_dtype=cerebellum_dtype,
             )
         )
 

@@ -384,6 +384,10 @@ def test_flags_override_quick_and_quick_overrides_the_defaults():
     assert parse("--cerebellum-nice", "0").cerebellum_nice == 0
     assert parse().batch_scheduling
     assert not parse("--no-batch-scheduling").batch_scheduling
+    assert parse().cerebellum_precision == "auto"
+    assert parse("--cerebellum-precision", "float32").cerebellum_precision == (
+        "float32"
+    )
 
 
 @pytest.mark.parametrize(

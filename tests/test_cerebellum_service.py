@@ -321,6 +321,34 @@ def test_learning_moves_predictions_toward_observed_feedback(cerebellum):
     )  # a number, not NaN
 
 
+def test_a_bfloat16_server_answers_each_asker_in_its_dtype_and_learns():
+    servicer, server = start_cerebellum({**zone_config(), "compute_dtype": "bfloat16"})
+    try:
+        channel_stub = stub(server)
+        x, target = activity(40), torch.full((ROWS, WIDTH), 0.5)
+        (before,) = predict(channel_stub, query(x.bfloat16(), batch=1))
+        reply = channel_stub.Learn(
+            iter([learn_request(target.bfloat16(), batch=1)]), timeout=10
+        )
+        assert reply.accepted == 1
+        assert servicer.wait_for_step(1, timeout=10)
+
+        (half,) = predict(channel_stub, query(x.bfloat16(), batch=2))
+        (full,) = predict(channel_stub, query(x, batch=3))
+        zone = servicer.cerebellum.zones[ZONE]
+    finally:
+        server.stop(0)
+
+    assert before.dtype == half.dtype == torch.bfloat16
+    assert full.dtype == torch.float32
+    # One computation (in bfloat16), answered in the dtype each was asked in.
+    assert torch.equal(full.bfloat16(), half)
+    assert torch.mean((half.float() - target) ** 2) < torch.mean(
+        (before.float() - target) ** 2
+    )
+    assert all(p.dtype == torch.float32 for p in zone.parameters())
+
+
 def test_on_update_server_learns_only_when_a_frame_asks():
     servicer, server = start_cerebellum({**zone_config(), "learning": "on_update"})
     try:
@@ -742,6 +770,11 @@ BAD_CONFIGS = {
         "config.zones[0]",
     ),
     "bad_lesion": (msgpack.packb({"lesion": "cortex"}), INVALID, "config.lesion"),
+    "bad_compute_dtype": (
+        msgpack.packb({**zone_config(), "compute_dtype": "float16"}),
+        INVALID,
+        "config.compute_dtype",
+    ),
     "bad_learning": (
         msgpack.packb({**zone_config(), "learning": "sometimes"}),
         INVALID,

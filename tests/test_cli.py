@@ -7,6 +7,7 @@ import json
 import pytest
 
 from orchestrator.cli import build_parser, config_from_args, main
+from orchestrator.config import ConfigError
 
 
 def test_train_writes_the_summary_and_curve_contract(tmp_path):
@@ -131,6 +132,7 @@ def test_task_defaults_apply_and_flags_override():
         (["--feedback-scale", "-1"], "--feedback-scale"),
         (["--model", "crnn", "--lesion", "cerebellum@1"], "--lesion"),
         (["--distributed", "--cerebellum-nice", "25"], "--cerebellum-nice"),
+        (["--distributed", "--cerebellum-precision", "half"], "--cerebellum-precision"),
     ],
 )
 def test_bad_config_names_the_flag(tmp_path, capsys, argv, flag):
@@ -140,6 +142,22 @@ def test_bad_config_names_the_flag(tmp_path, capsys, argv, flag):
         )
     assert exit_info.value.code == 2
     assert flag in capsys.readouterr().err
+
+
+def test_cerebellum_precision_reaches_the_distributed_config():
+    from orchestrator.cli import distributed_from_args
+    from orchestrator.cluster import DistributedConfig
+
+    parser = build_parser()
+    parse = lambda *argv: distributed_from_args(  # noqa: E731
+        parser.parse_args(["train", "--task", "line", "--out", "x", *argv])
+    )
+    assert parse().cerebellum_precision == "auto"
+    assert parse("--cerebellum-precision", "float32").cerebellum_precision == (
+        "float32"
+    )
+    with pytest.raises(ConfigError, match="--cerebellum-precision"):
+        DistributedConfig(cerebellum_precision="half")
 
 
 def test_report_on_a_directory_without_a_run_says_so(tmp_path, capsys):

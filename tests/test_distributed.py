@@ -312,6 +312,42 @@ def test_batch_scheduling_can_be_turned_off(tmp_path):
     assert default._chunk_spec(0).batch_scheduling
 
 
+def test_the_cerebellum_computes_in_the_precision_asked_and_is_sent_it(tmp_path):
+    import ray
+
+    config = small_config(model="ccrnn")
+    task = task_for(config)
+    assert (
+        Cluster(config, DistributedConfig(), task, tmp_path)._cerebellum_spec()[
+            "precision"
+        ]
+        == "auto"
+    )
+    cluster = Cluster(
+        config,
+        DistributedConfig(
+            schedule="decoupled", checkpoint_every=0, cerebellum_precision="bfloat16"
+        ),
+        task,
+        tmp_path,
+    )
+    cluster.start()
+    try:
+        cluster.run(0, 3)
+        progress = ray.get([c.progress.remote() for c in cluster.chunks])
+        stats = ray.get(cluster.cerebellum.stats.remote())
+        precision = ray.get(cluster.cerebellum.precision.remote())
+    finally:
+        cluster.shutdown()
+
+    assert precision == cluster.cerebellum_precision == "bfloat16"
+    assert [p["cerebellum_dtype"] for p in progress] == ["bfloat16", "bfloat16"]
+    # Every bfloat16 observation was taken and learned from.
+    assert stats["zone.output_0.observations"] > 0
+    assert stats["zone.output_0.updates"] > 0
+    assert not any(v for k, v in stats.items() if k.startswith("rejected."))
+
+
 def _finished_run(tmp_path, steps: int):
     """A decoupled run of ``steps`` steps checkpointed every 4, in ``tmp_path/run``:
     (its config, its task, its directory)."""

@@ -1,0 +1,156 @@
+"""The cerebellum in bfloat16: arithmetic under autocast with float32 weights,
+half-size traffic from the chunks, the same learning, and how ``auto`` resolves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cerebellum_service.config as config_module
+from cerebellum_service.config import (
+    CerebellumConfig,
+    ConfigError,
+    resolve_precision,
+)
+from cerebellum_service.learning import (
+    ActivityKey,
+    LocalCerebellum,
+    Observation,
+    Query,
+)
+from orchestrator import threaded
+from orchestrator.config import OUTPUT_CONTEXT, TrainConfig
+from orchestrator.tasks.registry import load_task
+from orchestrator.threaded import run_threaded
+from tests.service_helpers import ZONE, zone_config
+
+
+def regression_cerebellum(compute_dtype: torch.dtype) -> LocalCerebellum:
+    raw = {**zone_config(in_features=24, out_features=12, granule_width=64)}
+    config = CerebellumConfig.from_dict(
+        {**raw, "compute_dtype": str(compute_dtype).removeprefix("torch.")}
+    )
+    return config.build()
+
+
+def learn_a_linear_map(cerebellum: LocalCerebellum, updates: int) -> float:
+    """Relative error of predictions of ``x @ W`` after ``updates`` batches."""
+    generator = torch.Generator().manual_seed(1)
+    weights = torch.randn(24, 12, generator=generator) / 24**0.5
+    for batch in range(updates):
+        x = torch.randn(64, 24, generator=generator)
+        key = ActivityKey(batch, 0)
+        cerebellum.predict([Query(ZONE, key, x)])
+        cerebellum.observe([Observation(ZONE, key, x @ weights)])
+        cerebellum.update()
+    return cerebellum.stats[ZONE].last_relative_error
+
+
+def test_bfloat16_arithmetic_learns_as_float32_does():
+    errors = {
+        dtype: learn_a_linear_map(regression_cerebellum(dtype), 300)
+        for dtype in (torch.float32, torch.bfloat16)
+    }
+
+    assert errors[torch.float32] < 0.05  # 1 for a cerebellum that learns nothing
+    assert errors[torch.bfloat16] < 0.05
+    assert errors[torch.bfloat16] == pytest.approx(errors[torch.float32], abs=0.005)
+
+
+def test_bfloat16_keeps_float32_weights_and_answers_in_the_askers_dtype():
+    cerebellum = regression_cerebellum(torch.bfloat16)
+    learn_a_linear_map(cerebellum, 20)
+    zone = cerebellum.zones[ZONE]
+    x = torch.randn(8, 24, generator=torch.Generator().manual_seed(2))
+
+    (answer,) = cerebellum.predict([Query(ZONE, ActivityKey(99, 0), x)])
+    (half,) = cerebellum.predict([Query(ZONE, ActivityKey(99, 1), x.bfloat16())])
+    with torch.no_grad():
+        exact = zone(x)
+
+    assert all(p.dtype == torch.float32 for p in zone.parameters())
+    state = cerebellum.optimizer.state[zone.purkinje.weight]
+    assert state["exp_avg"].dtype == torch.float32
+    assert answer.dtype == torch.float32 and half.dtype == torch.bfloat16
+    # Computed in bfloat16: near the float32 product, but not equal to it.
+    assert not torch.equal(answer, exact)
+    torch.testing.assert_close(answer, exact, rtol=0.05, atol=0.02)
+    assert cerebellum.storage_dtype(ZONE) == torch.bfloat16
+    assert regression_cerebellum(torch.float32).storage_dtype(ZONE) == torch.float32
+
+
+def test_compute_dtype_is_checked_and_kept_in_the_config():
+    raw = {**zone_config(), "compute_dtype": "bfloat16"}
+    config = CerebellumConfig.from_dict(raw)
+
+    assert config.build().compute_dtype == torch.bfloat16
+    assert CerebellumConfig.from_dict(config.to_dict()) == config
+    assert CerebellumConfig.from_dict(zone_config()).compute_dtype == "float32"
+    for bad in ("float16", 16, None):
+        with pytest.raises(ConfigError) as caught:
+            CerebellumConfig.from_dict({**zone_config(), "compute_dtype": bad})
+        assert caught.value.key == "compute_dtype"
+    with pytest.raises(ValueError, match="compute_dtype"):
+        LocalCerebellum(config.build().zones, compute_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bfloat16_only_where_the_cpu_computes_it(monkeypatch, native):
+    monkeypatch.setattr(config_module, "native_cpu_bfloat16", lambda: native)
+
+    assert resolve_precision("auto") == ("bfloat16" if native else "float32")
+    assert resolve_precision("float32") == "float32"
+    assert resolve_precision("bfloat16") == "bfloat16"
+    with pytest.raises(ConfigError, match="precision"):
+        resolve_precision("half")
+
+
+class RecordingCerebellum(LocalCerebellum):
+    """A local cerebellum that notes the dtypes it is handed."""
+
+    seen: set[tuple[str, torch.dtype]] = set()
+
+    def predict(self, queries):
+        for q in queries:
+            self.seen.add(("activity", q.activity.dtype))
+            if q.context is not None:
+                self.seen.add(("context", q.context.dtype))
+        return super().predict(queries)
+
+    def observe(self, observations):
+        self.seen.update(("feedback", o.feedback.dtype) for o in observations)
+        super().observe(observations)
+
+
+def test_decoupled_chunks_send_bfloat16_and_learn_from_its_predictions(monkeypatch):
+    # The twin of test_schedules' decoupled learning check, with the cerebellum
+    # in bfloat16 and the chunks' traffic to it too.
+    monkeypatch.setattr(RecordingCerebellum, "seen", set())
+    monkeypatch.setattr(threaded, "LocalCerebellum", RecordingCerebellum)
+    task = load_task("patterns", seed=0, n_train=300)
+    config = TrainConfig(
+        task="patterns",
+        model="ccrnn",
+        truncation=7,
+        chunks=2,
+        hidden_size=32,
+        batch_size=50,
+        granule_width=128,
+        lr=3e-3,
+        **OUTPUT_CONTEXT,
+    )
+
+    run = run_threaded(config, task, "decoupled", 100, cerebellum_dtype=torch.bfloat16)
+
+    assert run.cerebellum.compute_dtype == torch.bfloat16
+    assert RecordingCerebellum.seen == {
+        ("activity", torch.bfloat16),
+        ("context", torch.bfloat16),
+        ("feedback", torch.bfloat16),
+    }
+    losses = run.losses
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
+    stats = run.cerebellum.stats["output_0"]
+    assert stats.updates >= 90
+    late = list(stats.cosine_history)[-40:]
+    assert sum(late) / len(late) > 0.15
