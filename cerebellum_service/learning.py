@@ -285,18 +285,20 @@ class LocalCerebellum(FeedbackPredictor):
             total = 0.0
             records = []
             for zone, examples in grouped.items():
-                activity = torch.cat([a for a, _, _ in examples])
+                activity = _rows([a for a, _, _ in examples])
                 context = (
-                    torch.cat([c for _, c, _ in examples])
+                    _rows([c for _, c, _ in examples])
                     if examples[0][1] is not None
                     else None
                 )
-                target = torch.cat([t for _, _, t in examples])
                 microzone = self.zones[zone]
                 with self._arithmetic(microzone):
                     prediction = microzone(activity, context)
+                # The error in the zone's own dtype, whatever the arithmetic's.
                 dtype = microzone.purkinje.weight.dtype
-                loss = F.mse_loss(prediction.to(dtype), target.to(dtype))
+                prediction = prediction.to(dtype)
+                target = _rows([t for _, _, t in examples]).to(dtype)
+                loss = F.mse_loss(prediction, target)
                 total = total + loss
                 records.append(
                     (zone, prediction.detach(), target, float(loss.detach()))
@@ -343,8 +345,8 @@ class LocalCerebellum(FeedbackPredictor):
         stats.last_loss = loss
         # Three dot products give the cosine and the power: a fifth of the cost of
         # F.cosine_similarity plus a separate pow().mean() on a window's rows.
-        flat_prediction = prediction.reshape(-1).float()
-        flat_target = target.reshape(-1).float()
+        flat_prediction = prediction.reshape(-1).to(torch.float32)
+        flat_target = target.reshape(-1).to(torch.float32)
         cross = float(torch.dot(flat_prediction, flat_target))
         target_sq = float(torch.dot(flat_target, flat_target))
         prediction_sq = float(torch.dot(flat_prediction, flat_prediction))
@@ -380,6 +382,11 @@ class LocalCerebellum(FeedbackPredictor):
             self.frozen = bool(state.get("frozen", False))
             self._cache.clear()
             self._pending.clear()
+
+
+def _rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The parts stacked by rows; a single part as it is (no copy)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
