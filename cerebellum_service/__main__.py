@@ -21,7 +21,12 @@ from collections.abc import Sequence
 
 import torch
 
-from cerebellum_service.config import CerebellumConfig, ConfigError
+from cerebellum_service.config import (
+    PRECISIONS,
+    CerebellumConfig,
+    ConfigError,
+    resolve_precision,
+)
 from cerebellum_service.servicer import SERVICE_NAME, CerebellumServicer, add_to_server
 from protos.service import (
     add_standalone_arguments,
@@ -53,6 +58,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="granule cells per layer for --zones NAME:IN:OUT (default %(default)s)",
     )
     cerebellum.add_argument("--lr", type=float, default=1e-3, help="Adam rate")
+    cerebellum.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="arithmetic of the --zones microzones (default auto: bfloat16 where "
+        "this CPU or GPU computes it natively, else float32; weights stay float32)",
+    )
     cerebellum.add_argument(
         "--cache-size",
         type=int,
@@ -129,8 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "zones": zones_from_flag(args.zones, args.granule_width),
                     "lr": args.lr,
                     "cache_size": args.cache_size,
+                    "compute_dtype": resolve_precision(args.precision),
                 }
             )
+            logger.info("microzones compute in %s", config.compute_dtype)
     except (ValueError, ConfigError) as error:
         logger.error("%s", error)
         return 2

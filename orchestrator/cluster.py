@@ -1058,6 +1058,9 @@ def _summary(cluster: Cluster, record: RunRecord, fields: dict, steps: int):
         "repeated_steps": record.repeated_steps,
         "cerebellum_restarts": record.cerebellum_restarts,
         "cerebellum_learning": cluster.dist.cerebellum_learning,
+        # What --cerebellum-precision asked for, and what the cerebellum ran.
+        "cerebellum_precision_asked": cluster.dist.cerebellum_precision,
+        "cerebellum_precision": cluster.cerebellum_precision,
         "cerebellum": cluster.cerebellum_stats(),
         "config": config.to_dict(),
     }

@@ -78,6 +78,8 @@ def distributed_killed(
         steps=steps,
         checkpoint_every=0,
         cerebellum_learning="on_update",
+        # The in-process cerebellum it is compared with computes in float32.
+        cerebellum_precision="float32",
     )
     cluster = Cluster(config, dist, task, out)
     cluster.start()

@@ -215,6 +215,9 @@ def finished_run(run_dir: Path, config: TrainConfig, dist=None) -> bool:
         return False
     if dist is not None and (
         summary.get("cerebellum_learning", "background") != dist.cerebellum_learning
+        # Runs stored before the setting existed computed in float32.
+        or summary.get("cerebellum_precision_asked", "float32")
+        != dist.cerebellum_precision
         or (dist.steps is not None and summary.get("steps") != dist.steps)
     ):
         return False

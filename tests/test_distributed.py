@@ -80,6 +80,7 @@ def test_ccrnn_on_ray_learning_on_update_matches_the_in_process_trainer(tmp_path
                 steps=steps,
                 checkpoint_every=0,
                 cerebellum_learning=learning,
+                cerebellum_precision="float32",  # as the in-process cerebellum
             ),
             task,
             tmp_path / learning,
@@ -470,6 +471,8 @@ def test_a_lesion_sweep_on_ray_equals_the_in_process_one(tmp_path):
         "locked",
         "--cerebellum-learning",
         "on_update",
+        "--cerebellum-precision",
+        "float32",  # as the in-process cerebellum
         "--checkpoint-every",
         "0",
     ]

@@ -223,6 +223,8 @@ def test_standalone_prints_address_and_reads_token_file(tmp_path):
         str(token_file),
         "--zones",
         "state_0:8:8",
+        "--precision",
+        "bfloat16",
         "--log-level",
         "WARNING",
     )
@@ -236,6 +238,8 @@ def test_standalone_prints_address_and_reads_token_file(tmp_path):
         cerebellum = pb_grpc.CerebellumStub(channel)
         reply = cerebellum.Stats(pb.StatsRequest(names=["configured"]), timeout=10)
         assert reply.counters["configured"] == 1.0  # --zones configured it
+        # A lesion-only Configure answers the effective map, unchanged but for it.
+        assert configure(cerebellum, {"lesion": None})["compute_dtype"] == "bfloat16"
         wrong = pb_grpc.CerebellumStub(open_channel(address, ClientSecurity("bad")))
         assert status_of(wrong.Stats, pb.StatsRequest()) == (
             grpc.StatusCode.UNAUTHENTICATED

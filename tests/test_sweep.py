@@ -8,7 +8,7 @@ import pytest
 
 from orchestrator import sweep
 from orchestrator.cli import main
-from orchestrator.config import ConfigError, for_task
+from orchestrator.config import ConfigError, TrainConfig, for_task
 from orchestrator.trainer import Trainer
 
 SMALL = [
@@ -138,3 +138,21 @@ def test_sweep_needs_exactly_one_axis(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["sweep", "--plot-only", "--out", str(tmp_path / "none")])
     assert "sweep.json not found" in capsys.readouterr().err
+
+
+def test_a_stored_ray_run_is_reused_only_for_the_precision_it_was_asked(tmp_path):
+    from orchestrator.cluster import DistributedConfig
+    from orchestrator.sweep import finished_run
+
+    config = TrainConfig(task="line", model="ccrnn")
+    summary = {"schedule": "decoupled", "steps": None, "config": config.to_dict()}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    asked = lambda precision: DistributedConfig(cerebellum_precision=precision)  # noqa: E731
+
+    # Stored before the setting existed: the cerebellum computed in float32.
+    assert finished_run(tmp_path, config, asked("float32"))
+    assert not finished_run(tmp_path, config, asked("auto"))
+    summary["cerebellum_precision_asked"] = "auto"
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert finished_run(tmp_path, config, asked("auto"))
+    assert not finished_run(tmp_path, config, asked("bfloat16"))
