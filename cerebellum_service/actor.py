@@ -116,7 +116,11 @@ class CerebellumActor:
         self.metrics_port = self.metrics.serve(host)
         self.metrics.add_source(self._samples)
         self._hook_staleness()
-        logger.info("cerebellum serving on %s", self.server.address)
+        logger.info(
+            "cerebellum serving on %s, computing in %s",
+            self.server.address,
+            config.compute_dtype,
+        )
 
     def address(self) -> str:
         return self.server.address
