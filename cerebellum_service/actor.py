@@ -7,6 +7,7 @@ The class is plain Python; the orchestrator applies ``ray.remote``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -209,8 +210,17 @@ class CerebellumActor:
         return size
 
     def restore(self, root: str, step: int) -> int:
+        """Load the microzones and optimiser of run step ``step``.
+
+        The checkpoint's settings come back but for the precision: that belongs
+        to the machine this actor runs on (``auto`` resolves here), and the
+        weights it would apply to are float32 either way.
+        """
         state = ckpt.load_state(ckpt.step_dir(root, step), ACTOR_NAME)
-        config = CerebellumConfig.from_dict(state["config"])
+        config = dataclasses.replace(
+            CerebellumConfig.from_dict(state["config"]),
+            compute_dtype=self.servicer.config.compute_dtype,
+        )
         cerebellum = config.build()
         cerebellum.load_state_dict(state["cerebellum"])
         self.servicer.install(config, cerebellum, step=int(state["learning_step"]))

@@ -154,3 +154,41 @@ def test_decoupled_chunks_send_bfloat16_and_learn_from_its_predictions(monkeypat
     assert stats.updates >= 90
     late = list(stats.cosine_history)[-40:]
     assert sum(late) / len(late) > 0.15
+
+
+def test_a_restored_actor_keeps_its_own_precision_and_takes_the_weights(tmp_path):
+    from cerebellum_service.actor import CerebellumActor
+
+    def actor(precision: str) -> CerebellumActor:
+        return CerebellumActor(
+            {
+                **zone_config(),
+                "token": "precision-test-token",
+                "precision": precision,
+                "metrics": False,
+                "batch_scheduling": False,
+                "host": "127.0.0.1",
+            }
+        )
+
+    saved, restored = actor("bfloat16"), actor("float32")
+    try:
+        original = saved.servicer.cerebellum
+        with torch.no_grad():
+            for parameter in original.zones.parameters():
+                parameter.add_(0.25)
+        saved.save_checkpoint(str(tmp_path), 3)
+        restored.restore(str(tmp_path), 3)
+
+        assert saved.precision() == "bfloat16"
+        assert restored.precision() == "float32"  # this actor's, not the file's
+        assert restored.servicer.cerebellum.compute_dtype == torch.float32
+        for a, b in zip(
+            original.zones.parameters(),
+            restored.servicer.cerebellum.zones.parameters(),
+            strict=True,
+        ):
+            assert torch.equal(a, b)
+    finally:
+        saved.shutdown()
+        restored.shutdown()
