@@ -1,5 +1,6 @@
 """The cerebellum in bfloat16: arithmetic under autocast with float32 weights,
-half-size traffic from the chunks, the same learning, and how ``auto`` resolves."""
+the same learning, and how ``auto`` resolves. (The chunks' bfloat16 traffic to
+it, and their learning with it: tests/test_schedules.py.)"""
 
 from __future__ import annotations
 
@@ -18,10 +19,6 @@ from cerebellum_service.learning import (
     Observation,
     Query,
 )
-from orchestrator import threaded
-from orchestrator.config import OUTPUT_CONTEXT, TrainConfig
-from orchestrator.tasks.registry import load_task
-from orchestrator.threaded import run_threaded
 from tests.service_helpers import ZONE, zone_config
 
 
@@ -103,57 +100,6 @@ def test_auto_precision_is_bfloat16_only_where_the_cpu_computes_it(monkeypatch, 
     assert resolve_precision("bfloat16") == "bfloat16"
     with pytest.raises(ConfigError, match="precision"):
         resolve_precision("half")
-
-
-class RecordingCerebellum(LocalCerebellum):
-    """A local cerebellum that notes the dtypes it is handed."""
-
-    seen: set[tuple[str, torch.dtype]] = set()
-
-    def predict(self, queries):
-        for q in queries:
-            self.seen.add(("activity", q.activity.dtype))
-            if q.context is not None:
-                self.seen.add(("context", q.context.dtype))
-        return super().predict(queries)
-
-    def observe(self, observations):
-        self.seen.update(("feedback", o.feedback.dtype) for o in observations)
-        super().observe(observations)
-
-
-def test_decoupled_chunks_send_bfloat16_and_learn_from_its_predictions(monkeypatch):
-    # The twin of test_schedules' decoupled learning check, with the cerebellum
-    # in bfloat16 and the chunks' traffic to it too.
-    monkeypatch.setattr(RecordingCerebellum, "seen", set())
-    monkeypatch.setattr(threaded, "LocalCerebellum", RecordingCerebellum)
-    task = load_task("patterns", seed=0, n_train=300)
-    config = TrainConfig(
-        task="patterns",
-        model="ccrnn",
-        truncation=7,
-        chunks=2,
-        hidden_size=32,
-        batch_size=50,
-        granule_width=128,
-        lr=3e-3,
-        **OUTPUT_CONTEXT,
-    )
-
-    run = run_threaded(config, task, "decoupled", 100, cerebellum_dtype=torch.bfloat16)
-
-    assert run.cerebellum.compute_dtype == torch.bfloat16
-    assert RecordingCerebellum.seen == {
-        ("activity", torch.bfloat16),
-        ("context", torch.bfloat16),
-        ("feedback", torch.bfloat16),
-    }
-    losses = run.losses
-    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
-    stats = run.cerebellum.stats["output_0"]
-    assert stats.updates >= 90
-    late = list(stats.cosine_history)[-40:]
-    assert sum(late) / len(late) > 0.15
 
 
 def test_a_restored_actor_keeps_its_own_precision_and_takes_the_weights(tmp_path):

@@ -8,7 +8,9 @@ import time
 import pytest
 import torch
 
+from cerebellum_service.learning import LocalCerebellum
 from cortex_service.runtime import ChunkSpec, Mailbox
+from orchestrator import threaded
 from orchestrator.batches import BatchStream
 from orchestrator.config import OUTPUT_CONTEXT, TrainConfig
 from orchestrator.tasks.registry import load_task
@@ -88,7 +90,33 @@ def test_pipelined_gradient_per_batch_equals_locked():
             torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-7)
 
 
-def test_decoupled_learns_and_its_cerebellum_predicts_observed_feedback():
+class RecordingCerebellum(LocalCerebellum):
+    """A local cerebellum that notes the dtypes it is handed."""
+
+    seen: set[tuple[str, torch.dtype]] = set()
+
+    def predict(self, queries):
+        for q in queries:
+            self.seen.add(("activity", q.activity.dtype))
+            if q.context is not None:
+                self.seen.add(("context", q.context.dtype))
+        return super().predict(queries)
+
+    def observe(self, observations):
+        self.seen.update(("feedback", o.feedback.dtype) for o in observations)
+        super().observe(observations)
+
+
+@pytest.mark.parametrize(
+    "asked,precision", [(None, torch.float32), (torch.bfloat16, torch.bfloat16)]
+)
+def test_decoupled_learns_and_its_cerebellum_predicts_observed_feedback(
+    monkeypatch, asked, precision
+):
+    # By default everything is float32; asked for bfloat16, the cerebellum
+    # computes in it and the chunks send it that.
+    monkeypatch.setattr(RecordingCerebellum, "seen", set())
+    monkeypatch.setattr(threaded, "LocalCerebellum", RecordingCerebellum)
     task = load_task("patterns", seed=0, n_train=300)
     config = TrainConfig(
         task="patterns",
@@ -104,7 +132,13 @@ def test_decoupled_learns_and_its_cerebellum_predicts_observed_feedback():
         # threads happen to batch its updates.
         **OUTPUT_CONTEXT,
     )
-    run = run_threaded(config, task, "decoupled", 100)
+    run = run_threaded(config, task, "decoupled", 100, cerebellum_dtype=asked)
+    assert run.cerebellum.compute_dtype == precision
+    assert RecordingCerebellum.seen == {
+        ("activity", precision),
+        ("context", precision),
+        ("feedback", precision),
+    }
     losses = run.losses
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
     stats = run.cerebellum.stats["output_0"]
