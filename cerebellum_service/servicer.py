@@ -351,7 +351,7 @@ class CerebellumServicer(pb_grpc.CerebellumServicer):
             raise RequestError(
                 _INVALID, f"{field}.activity: is missing", "missing_field"
             )
-        zone_dtype = cerebellum.storage_dtype(msg.zone)
+        kept_as = cerebellum.storage_dtype(msg.zone)
 
         activity = decode_matrix(msg.activity, f"{field}.activity", unary=True)
         check_columns(
@@ -363,9 +363,9 @@ class CerebellumServicer(pb_grpc.CerebellumServicer):
         context = None
         if msg.HasField("context") or zone.context_size:
             context = self._context(msg, field, zone.context_size, activity.shape[0])
-            context = finite(context.to(zone_dtype), f"{field}.context")
+            context = finite(context.to(kept_as), f"{field}.context")
         answer_dtype = activity.dtype
-        activity = finite(activity.to(zone_dtype), f"{field}.activity")
+        activity = finite(activity.to(kept_as), f"{field}.activity")
         key = activity_key(msg.key)
         return Query(msg.zone, key, activity, context), answer_dtype
 

@@ -1324,12 +1324,14 @@ def describe_setup(result: dict[str, Any]) -> str:
     gpus = ", ".join(machine["gpus"]) if machine["gpus"] else "no GPU"
     load = result["load"]
     placement = result["placement"][str(config["chunks"])]
-    precisions = [
-        record.get("cerebellum_precision")
-        for record in result["schedules"].values()
-        if record.get("uses_cerebellum")
-    ]
-    precision = next((p for p in precisions if p), None)
+    precision = next(
+        (
+            record["cerebellum_precision"]
+            for record in result["schedules"].values()
+            if record.get("cerebellum_precision")
+        ),
+        None,
+    )
     devices = (
         "one GPU per actor and per PyTorch stage"
         if placement["gpus"]
