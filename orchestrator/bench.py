@@ -109,6 +109,12 @@ class BenchConfig:
             with which decoupled learns as well as locked (docs/DISTRIBUTED.md).
         target_loss: validation loss for time-to-target (``None``: the loss every
             run reached, see :func:`choose_target`).
+        target_steps: the most batches a run trains to reach the target loss
+            (``None``: 4 × ``steps``). A run that has not reached it after its
+            ``steps`` measured batches goes on, evaluating as before, until it
+            does or has trained this many; the batches beyond ``steps`` count
+            only towards time to target, not towards throughput or the loss
+            after a fixed number of examples. ``steps`` turns it off.
         sweep_chunks: other numbers of chunks to measure throughput at.
         sweep_steps: batches per run in the sweep.
         seed: weights and batch order.
@@ -158,6 +164,7 @@ class BenchConfig:
     granule_width: int | None = 128
     output_context: bool = True
     target_loss: float | None = None
+    target_steps: int | None = None
     sweep_chunks: tuple[int, ...] = ()
     sweep_steps: int = 20
     seed: int = 0
@@ -215,6 +222,12 @@ class BenchConfig:
             raise ConfigError(f"--sweep-chunks must be at least 1, got {bad}")
         if self.target_loss is not None and not self.target_loss > 0:
             raise ConfigError(f"--target-loss must be positive, got {self.target_loss}")
+        if self.target_steps is not None and self.target_steps < self.steps:
+            raise ConfigError(
+                f"--target-steps {self.target_steps} is below --steps {self.steps}: "
+                "a run trains at least its measured steps (give --steps to turn "
+                "the chase for the target off)"
+            )
         if self.micro_batches > self.batch_size:
             raise ConfigError(
                 f"--micro-batches {self.micro_batches} exceeds --batch-size "
@@ -227,6 +240,11 @@ class BenchConfig:
                 f"got {self.micro_batches} for {largest} chunks (--chunks, "
                 "--sweep-chunks): raise --micro-batches or drop torch-1f1b"
             )
+
+    @property
+    def max_target_steps(self) -> int:
+        """Batches a run may train in all to reach the target loss."""
+        return 4 * self.steps if self.target_steps is None else self.target_steps
 
     def train_config(self) -> TrainConfig:
         """The training configuration every contender shares."""
@@ -253,6 +271,7 @@ class BenchConfig:
         record = dataclasses.asdict(self)
         record["schedules"] = list(self.schedules)
         record["sweep_chunks"] = list(self.sweep_chunks)
+        record["max_target_steps"] = self.max_target_steps
         return record
 
 
@@ -560,12 +579,17 @@ class Run:
     """One measured run of one contender from the initial weights.
 
     Attributes:
-        segments: the stretches between evaluations.
-        curve: an evaluation before the first segment and after each.
+        segments: the measured stretches between evaluations (``steps``
+            batches in all).
+        curve: an evaluation before the first segment and after each, then
+            after each stretch of the chase for the target.
         actor_names: the contender's processes (``chunk-k``, ``cerebellum``).
         peak_rss: peak resident bytes of each, read after the run.
         cerebellum_precision: what the contender's cerebellum computed in
             (``--cerebellum-precision`` as it resolved), None without one.
+        chase_steps: batches trained after the measured ones to reach the
+            target loss (they count towards time to target only).
+        chase_seconds: what they took, on the same clock.
     """
 
     segments: list[Segment] = field(default_factory=list)
@@ -573,6 +597,8 @@ class Run:
     actor_names: list[str] = field(default_factory=list)
     peak_rss: dict[str, int | None] = field(default_factory=dict)
     cerebellum_precision: str | None = None
+    chase_steps: int = 0
+    chase_seconds: float = 0.0
 
     @property
     def seconds(self) -> float:
@@ -586,6 +612,11 @@ class Run:
     def steps_per_second(self) -> float:
         return self.steps / self.seconds
 
+    @property
+    def measured_curve(self) -> list[dict[str, Any]]:
+        """The evaluations up to the end of the measured steps."""
+        return self.curve[: len(self.segments) + 1]
+
 
 def batch_rows(task: TaskData, batch_size: int, step: int) -> int:
     """Sequences in batch ``step`` (the last batch of an epoch may be short)."""
@@ -596,12 +627,23 @@ def batch_rows(task: TaskData, batch_size: int, step: int) -> int:
 
 
 def run_once(
-    contender: Contender, bench: BenchConfig, task: TaskData, steps: int, evaluate: bool
+    contender: Contender,
+    bench: BenchConfig,
+    task: TaskData,
+    steps: int,
+    evaluate: bool,
+    chase: float | None = None,
 ) -> Run:
     """Reset ``contender`` and train ``steps`` batches, evaluating between segments.
 
     Segments are ``bench.eval_every`` batches long either way, so that runs with
     and without evaluations (the sweep) pay the same pipeline fill and drain.
+
+    Args:
+        chase: a target validation loss. A run still above it after ``steps``
+            batches trains on, segment by segment and evaluating after each,
+            until it reaches it or has trained ``bench.max_target_steps``
+            batches in all. Those batches are timed for time to target only.
     """
     contender.reset()
     run = Run(
@@ -623,6 +665,22 @@ def run_once(
         )
         if evaluate:
             train_loss = statistics.fmean(segment.losses.values())
+            run.curve.append(
+                _curve_point(contender.evaluate(), stop, examples, seconds, train_loss)
+            )
+    if evaluate and chase is not None:
+        for start in range(steps, bench.max_target_steps, every):
+            if time_to_target(run.curve, chase) is not None:
+                break
+            stop = min(start + every, bench.max_target_steps)
+            taken, losses, _ = contender.train(start, stop)
+            run.chase_steps += stop - start
+            run.chase_seconds += taken
+            seconds += taken
+            examples += sum(
+                batch_rows(task, bench.batch_size, s) for s in range(start, stop)
+            )
+            train_loss = statistics.fmean(losses.values())
             run.curve.append(
                 _curve_point(contender.evaluate(), stop, examples, seconds, train_loss)
             )
@@ -689,28 +747,59 @@ def run_interleaved(
 
     All contenders stay alive throughout, idle but for their turn; with
     ``placement.fresh`` each turn starts and warms up its contender anew.
+
+    With evaluations, a run that has not reached the target loss after its
+    measured steps chases it (:func:`run_once`). The target is
+    ``--target-loss``, or else the loss ``locked`` ended its runs so far at
+    (the default target, :func:`choose_target`), so ``locked`` takes the first
+    turn of every round and does not chase its own.
     """
     runs: dict[str, list[Run]] = {name: [] for name in bench.schedules}
+    order = list(bench.schedules)
+    if evaluate and bench.target_loss is None and "locked" in order:
+        order.remove("locked")
+        order.insert(0, "locked")
+
+    def chase(name: str) -> float | None:
+        if not evaluate:
+            return None
+        if bench.target_loss is not None:
+            return bench.target_loss
+        if name == "locked" or not runs.get("locked"):
+            return None
+        return choose_target({"locked": [r.measured_curve for r in runs["locked"]]})
+
     if placement.fresh:
         for repeat in range(bench.repeats):
-            for name in bench.schedules:
+            for name in order:
                 alone = dataclasses.replace(bench, schedules=(name,))
                 (contender,) = build_contenders(alone, task, scratch, placement)
                 try:
                     launch_all([contender], bench.warmup)
-                    run = run_once(contender, bench, task, bench.steps, evaluate)
+                    run = run_once(
+                        contender, bench, task, bench.steps, evaluate, chase(name)
+                    )
                 finally:
                     shutdown_all([contender])
                 runs[name].append(run)
                 _log_run(name, bench.chunks, repeat, run)
         return runs
 
-    contenders = build_contenders(bench, task, scratch, placement)
+    contenders = build_contenders(
+        dataclasses.replace(bench, schedules=tuple(order)), task, scratch, placement
+    )
     try:
         launch_all(contenders, bench.warmup)
         for repeat in range(bench.repeats):
             for contender in contenders:
-                run = run_once(contender, bench, task, bench.steps, evaluate)
+                run = run_once(
+                    contender,
+                    bench,
+                    task,
+                    bench.steps,
+                    evaluate,
+                    chase(contender.name),
+                )
                 runs[contender.name].append(run)
                 _log_run(contender.name, bench.chunks, repeat, run)
     finally:
@@ -719,12 +808,18 @@ def run_interleaved(
 
 
 def _log_run(name: str, chunks: int, repeat: int, run: Run) -> None:
+    chased = (
+        f", then {run.chase_steps} steps more towards the target loss"
+        if run.chase_steps
+        else ""
+    )
     logger.info(
-        "%s on %d chunks, run %d: %.2f steps/s (load average %s)",
+        "%s on %d chunks, run %d: %.2f steps/s%s (load average %s)",
         name,
         chunks,
         repeat,
         run.steps_per_second,
+        chased,
         load_average(),
     )
 
@@ -952,9 +1047,20 @@ def time_to_target(curve: list[dict[str, Any]], target: float) -> float | None:
     A relative 1e-5 of slack lets contenders that do locked's arithmetic in
     another order (micro-batches, another runtime) reach locked's own loss.
     """
+    point = _first_at(curve, target)
+    return None if point is None else point["seconds"]
+
+
+def steps_to_target(curve: list[dict[str, Any]], target: float) -> int | None:
+    """Batches trained by the first evaluation at or below ``target``."""
+    point = _first_at(curve, target)
+    return None if point is None else point["step"]
+
+
+def _first_at(curve: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
     for point in curve:
         if point["validation_loss"] <= target * (1 + 1e-5):
-            return point["seconds"]
+            return point
     return None
 
 
@@ -964,7 +1070,7 @@ def summarise(
     """bench.json's target, ``schedules`` and ``baselines`` from the runs."""
     per_step = {n: phase_seconds_per_step(rs, bench.chunks) for n, rs in runs.items()}
     ideals = ideal_speedups(per_step, bench.chunks, bench.micro_batches)
-    curves = {name: [r.curve for r in rs] for name, rs in runs.items()}
+    curves = {name: [r.measured_curve for r in rs] for name, rs in runs.items()}
     target = bench.target_loss or choose_target(curves)
     locked_rates = [r.steps_per_second for r in runs.get("locked", [])]
     records = {}
@@ -996,7 +1102,7 @@ def summarise(
             record["speedup_spread"] = spread(
                 [a / b for a, b in zip(rates, locked_rates)]
             )
-        final = [r.curve[-1] for r in rs]
+        final = [r.measured_curve[-1] for r in rs]
         record.update(
             examples=final[0]["examples"],
             train_loss=statistics.median(p["train_loss"] for p in final),
@@ -1013,6 +1119,8 @@ def summarise(
             else None,
             "reached": len(reached),
             "runs": times,
+            "steps": [steps_to_target(r.curve, target) for r in rs] if target else [],
+            "max_steps": bench.max_target_steps,
             "speedup": None,
         }
         busy = [s.machine_busy for r in rs for s in r.segments]
@@ -1034,6 +1142,8 @@ def summarise(
                 "seconds": r.seconds,
                 "steps": r.steps,
                 "driver_seconds": sum(s.driver_seconds for s in r.segments),
+                "chase_steps": r.chase_steps,
+                "chase_seconds": r.chase_seconds,
                 "curve": r.curve,
             }
             for r in rs
@@ -1380,7 +1490,8 @@ def describe_setup(result: dict[str, Any]) -> str:
             + ("served by every actor" if config.get("metrics", True) else "off"),
             f"- {config['repeats']} runs of {config['steps']} steps per contender, "
             f"taken in turns after {config['warmup']} warm-up steps; evaluation "
-            f"every {config['eval_every']} steps with the clock stopped",
+            f"every {config['eval_every']} steps with the clock stopped"
+            + _chase_note(config, result.get("target_source", "auto")),
             f"- machine: {machine['cpus']} × {machine['cpu_model']}, {gpus}; "
             f"Python {machine['python']}, torch {machine['torch']}, "
             f"Ray {machine['ray']}",
@@ -1402,6 +1513,42 @@ def _probed(result: dict[str, Any], name: str) -> dict[str, Any] | None:
     return probe if probe and "error" not in probe else None
 
 
+def _chase_note(config: dict[str, Any], source: str) -> str:
+    """How the setup chased the target loss, for the setup list."""
+    steps = config["steps"]
+    most = config.get("max_target_steps", steps)
+    if most <= steps:
+        return ""
+    whose = (
+        "locked's final loss, locked first in each round"
+        if source == "auto"
+        else ("the given loss")
+    )
+    return (
+        f"; a run above the target loss ({whose}) after its {steps} steps trains "
+        f"on, evaluating as before, until it reaches it or has trained {most} "
+        "steps (those steps count towards time to target only)"
+    )
+
+
+def _steps_range(steps: list[int]) -> str:
+    low, high = min(steps), max(steps)
+    return str(low) if low == high else f"{low}–{high}"
+
+
+def _time_to_target_cell(ttt: dict[str, Any]) -> str:
+    """Seconds to the target and the batches it took (median), or who missed it."""
+    runs = len(ttt["runs"])
+    steps = [s for s in ttt.get("steps", []) if s is not None]
+    if ttt["seconds"] is None:
+        within = f" in {ttt['max_steps']} steps" if "max_steps" in ttt else ""
+        return f"not reached{within} ({ttt['reached']}/{runs})"
+    if not steps:
+        return f"{ttt['seconds']:.1f}"
+    word = "step" if min(steps) == max(steps) else "steps"
+    return f"{ttt['seconds']:.1f} ({word} {_steps_range(steps)})"
+
+
 def render_tables(result: dict[str, Any]) -> str:
     """The Markdown tables of ``bench.json``."""
     records = _records(result)
@@ -1416,13 +1563,7 @@ def render_tables(result: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in records.items():
-        ttt = r["time_to_target"]
-        runs = len(ttt["runs"])
-        seconds = (
-            f"{ttt['seconds']:.1f}"
-            if ttt["seconds"] is not None
-            else f"not reached ({ttt['reached']}/{runs})"
-        )
+        seconds = _time_to_target_cell(r["time_to_target"])
         busy = r["machine_busy_cores"]
         lines.append(
             f"| {name} | {r['steps_per_second']:.2f} "
@@ -1430,7 +1571,7 @@ def render_tables(result: dict[str, Any]) -> str:
             f"| {r['examples_per_second']:.0f} "
             f"| {_x(r['speedup'])} ({_range(r['speedup_spread'], suffix='×')}) "
             f"| {_x(r['ideal_speedup'])} | {r['validation_loss']:.3f} "
-            f"| {r['metric']:.3f} | {seconds} | {_x(ttt['speedup'])} "
+            f"| {r['metric']:.3f} | {seconds} | {_x(r['time_to_target']['speedup'])} "
             f"| {'–' if busy is None else f'{busy:.2f}'} |"
         )
 
@@ -1620,13 +1761,29 @@ def findings(result: dict[str, Any]) -> list[str]:
 
     if decoupled["validation_loss"] > 1.05 * locked["validation_loss"]:
         ttt = decoupled["time_to_target"]
+        reached = (
+            f"{ttt['reached']} of its {len(ttt['runs'])} runs reached the target "
+            f"loss {result['target_loss']:.3f}"
+        )
+        steps = [s for s in ttt.get("steps", []) if s is not None]
+        locked_steps = [
+            s for s in locked["time_to_target"].get("steps", []) if s is not None
+        ]
+        if ttt["speedup"] is not None and steps and locked_steps:
+            reached += (
+                f", after {_steps_range(steps)} steps against "
+                f"locked's {_steps_range(locked_steps)}, so its time-to-target "
+                f"speed-up is {_x(ttt['speedup'])} against "
+                f"{_x(decoupled['speedup'])} in steps/s"
+            )
+        elif "max_steps" in ttt:
+            reached += f" within {ttt['max_steps']} steps"
         notes.append(
             f"decoupled learns less per example: after {decoupled['examples']} "
             f"examples its validation loss is {decoupled['validation_loss']:.3f} "
             f"({decoupled['metric_name']} {decoupled['metric']:.3f}) against "
             f"locked's {locked['validation_loss']:.3f} ({locked['metric']:.3f}); "
-            f"{ttt['reached']} of its {len(ttt['runs'])} runs reached the target "
-            f"loss {result['target_loss']:.3f}."
+            f"{reached}."
         )
 
     phases = locked["phase_seconds_per_step"]
@@ -1965,11 +2122,16 @@ _RECORD = {
         "metric_name": {"type": "string"},
         "time_to_target": {
             "type": "object",
-            "required": ["seconds", "reached", "runs", "speedup"],
+            "required": ["seconds", "reached", "runs", "steps", "max_steps", "speedup"],
             "properties": {
                 "seconds": _OPTIONAL_NUMBER,
                 "reached": {"type": "integer", "minimum": 0},
                 "runs": {"type": "array", "items": _OPTIONAL_NUMBER},
+                "steps": {
+                    "type": "array",
+                    "items": {"type": ["integer", "null"], "minimum": 0},
+                },
+                "max_steps": {"type": "integer", "minimum": 1},
                 "speedup": _OPTIONAL_NUMBER,
             },
         },
@@ -2005,6 +2167,8 @@ _RECORD = {
                 "properties": {
                     "seconds": {"type": "number", "exclusiveMinimum": 0},
                     "steps": {"type": "integer", "minimum": 1},
+                    "chase_steps": {"type": "integer", "minimum": 0},
+                    "chase_seconds": {"type": "number", "minimum": 0},
                     "curve": {"type": "array", "minItems": 2, "items": _CURVE_POINT},
                 },
             },
@@ -2563,8 +2727,15 @@ def add_bench_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument(
         "--target-loss",
         type=float,
-        help="validation loss for time-to-target (default: the worst of the "
-        "contenders' best losses)",
+        help="validation loss for time-to-target (default: the loss locked "
+        "ends its runs at)",
+    )
+    parser.add_argument(
+        "--target-steps",
+        type=int,
+        help="batches a run may train in all to reach the target loss; those "
+        "beyond --steps count only towards time to target (default 4 × --steps; "
+        "--steps turns the chase off)",
     )
     parser.add_argument(
         "--sweep-chunks",

@@ -44,6 +44,17 @@ def test_quick_bench_runs_every_schedule_and_writes_a_valid_bench_json(tmp_path)
         assert all(r["steps"] == quick["steps"] for r in record["runs"]), name
         assert record["examples"] == quick["steps"] * quick["batch_size"]
         assert set(record["actors"]) >= {"chunk-0", "chunk-1"}
+    # A run still above the target after its measured steps chased it, up to
+    # --target-steps; locked sets the target and never chases.
+    target = result["target_loss"] * (1 + 1e-5)
+    measured_end = quick["steps"] // quick["eval_every"]
+    for name, record in records.items():
+        assert record["time_to_target"]["max_steps"] == 4 * quick["steps"]
+        for run in record["runs"]:
+            curve = run["curve"]
+            assert curve[-1]["step"] == quick["steps"] + run["chase_steps"]
+            above = curve[measured_end]["validation_loss"] > target
+            assert (run["chase_steps"] > 0) == (above and name != "locked"), name
     assert records["decoupled"]["uses_cerebellum"]
     assert "cerebellum" in records["decoupled"]["actors"]
     assert not records["locked"]["uses_cerebellum"]
@@ -384,6 +395,9 @@ def test_flags_override_quick_and_quick_overrides_the_defaults():
     assert parse("--cerebellum-nice", "0").cerebellum_nice == 0
     assert parse().batch_scheduling
     assert not parse("--no-batch-scheduling").batch_scheduling
+    assert parse().max_target_steps == 4 * parse().steps
+    assert parse("--target-steps", "100").max_target_steps == 100
+    assert parse("--steps", "30").max_target_steps == 120
     assert parse().cerebellum_precision == "auto"
     assert parse("--cerebellum-precision", "float32").cerebellum_precision == (
         "float32"
@@ -399,8 +413,103 @@ def test_flags_override_quick_and_quick_overrides_the_defaults():
         (dict(model="gru"), "--model"),
         (dict(micro_batches=128), "--micro-batches"),
         (dict(cerebellum_nice=20), "--cerebellum-nice"),
+        (dict(steps=60, target_steps=30), "--target-steps"),
     ],
 )
 def test_bad_settings_name_their_flag(changes, flag):
     with pytest.raises(ConfigError, match=flag):
         bench.BenchConfig(**changes)
+
+
+class ScriptedContender:
+    """A contender whose validation loss falls by ``rate`` per batch trained and
+    whose every batch takes ``seconds``: the bench's bookkeeping, no training."""
+
+    kind = "ccdni"
+
+    def __init__(self, name: str, rate: float, seconds: float, turns: list) -> None:
+        self.name, self.rate, self.seconds, self.turns = name, rate, seconds, turns
+        self.trained = 0
+
+    def launch(self) -> None:
+        pass
+
+    def reset(self) -> None:
+        self.trained = 0
+
+    def train(self, start, stop):
+        assert start == self.trained, "batches in order, none skipped"
+        self.turns.append((self.name, start, stop))
+        self.trained = stop
+        losses = dict.fromkeys(range(start, stop), 1.0)
+        return self.seconds * (stop - start), losses, []
+
+    def evaluate(self):
+        loss = 2.0 - self.rate * self.trained
+        return {"loss": loss, "metric": 0.5, "metric_name": "accuracy"}
+
+    def pids(self):
+        return {}
+
+    def peak_rss(self):
+        return {}
+
+    def shutdown(self) -> None:
+        pass
+
+
+def test_a_run_above_the_target_chases_it_without_counting_towards_throughput():
+    config = bench.BenchConfig(steps=4, eval_every=2, target_steps=10)
+    task = load_task("patterns", n_train=200)
+    slow = ScriptedContender("decoupled", rate=0.1, seconds=0.1, turns=[])
+
+    run = bench.run_once(slow, config, task, config.steps, True, chase=1.25)
+    assert run.steps == 4 and run.seconds == pytest.approx(0.4)
+    assert run.measured_curve[-1]["step"] == 4
+    assert run.chase_steps == 4 and run.chase_seconds == pytest.approx(0.4)
+    assert [p["step"] for p in run.curve] == [0, 2, 4, 6, 8]  # stops once there
+    assert bench.steps_to_target(run.curve, 1.25) == 8
+    assert bench.time_to_target(run.curve, 1.25) == pytest.approx(0.8)
+
+    run = bench.run_once(slow, config, task, config.steps, True, chase=0.5)
+    assert run.curve[-1]["step"] == 10  # --target-steps caps the chase
+    assert bench.time_to_target(run.curve, 0.5) is None
+    for target in (None, 1.9):  # no target, or reached within the measured steps
+        run = bench.run_once(slow, config, task, config.steps, True, chase=target)
+        assert run.chase_steps == 0 and run.curve[-1]["step"] == 4
+
+
+def test_locked_goes_first_and_sets_the_target_the_others_chase(monkeypatch):
+    config = bench.BenchConfig(
+        schedules=("decoupled", "locked"), steps=4, eval_every=2, repeats=2, warmup=0
+    )
+    task = load_task("patterns", n_train=1000)
+    turns: list = []
+    rates = {"locked": 0.2, "decoupled": 0.1}
+    seconds = {"locked": 0.2, "decoupled": 0.1}
+
+    def scripted(bench_config, *_):
+        return [
+            ScriptedContender(n, rates[n], seconds[n], turns)
+            for n in bench_config.schedules
+        ]
+
+    monkeypatch.setattr(bench, "build_contenders", scripted)
+    placement = bench.Placement(gpus=False, fresh=False, cpus_per_actor=0.5)
+    runs = bench.run_interleaved(config, task, None, placement)
+    assert [t[0] for t in turns if t[1] == 0] == ["locked", "decoupled"] * 2
+    assert list(runs) == ["decoupled", "locked"]  # reported in the given order
+
+    summary = bench.summarise(config, task, runs)
+    assert summary["target_loss"] == pytest.approx(1.2)  # locked after 4 batches
+    decoupled = summary["schedules"]["decoupled"]
+    locked = summary["schedules"]["locked"]
+    # Throughput and the loss after a fixed number of examples: measured steps.
+    assert decoupled["speedup"] == pytest.approx(2.0)
+    assert decoupled["validation_loss"] == pytest.approx(1.6)
+    assert decoupled["examples"] == locked["examples"] == 4 * config.batch_size
+    # Time to target: decoupled needs 8 batches of 0.1 s, locked 4 of 0.2 s.
+    assert decoupled["time_to_target"]["steps"] == [8, 8]
+    assert decoupled["time_to_target"]["speedup"] == pytest.approx(1.0)
+    assert locked["time_to_target"]["steps"] == [4, 4]
+    assert all(r["chase_steps"] == 0 for r in locked["runs"])
