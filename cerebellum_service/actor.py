@@ -73,7 +73,9 @@ class CerebellumActor:
             of its arithmetic and of the traffic it is sent: ``float32``, the
             default, ``bfloat16``, or ``auto``, resolved on this machine by
             :func:`cerebellum_service.config.resolve_precision`), ``clients``
-            (the chunks that will call it, which sizes its call threads) and
+            (the chunks that will call it, which sizes its call threads),
+            ``answer_zeros`` (a measuring device that answers zeros and
+            computes nothing, see :class:`CerebellumConfig`; default off) and
             optionally ``host``.
     """
 
@@ -94,6 +96,7 @@ class CerebellumActor:
                 "lr": spec.get("lr", 1e-3),
                 "learning": spec.get("learning", "background"),
                 "compute_dtype": resolve_precision(spec.get("precision", "float32")),
+                "answer_zeros": spec.get("answer_zeros", False),
             }
         )
         self.servicer = CerebellumServicer(config)
@@ -212,14 +215,16 @@ class CerebellumActor:
     def restore(self, root: str, step: int) -> int:
         """Load the microzones and optimiser of run step ``step``.
 
-        The checkpoint's settings come back but for the precision: that belongs
-        to the machine this actor runs on (``auto`` resolves here), and the
-        weights it would apply to are float32 either way.
+        The checkpoint's settings come back but for the precision, which
+        belongs to the machine this actor runs on (``auto`` resolves here; the
+        weights it would apply to are float32 either way), and for
+        ``answer_zeros``, which belongs to the measurement this actor serves.
         """
         state = ckpt.load_state(ckpt.step_dir(root, step), ACTOR_NAME)
         config = dataclasses.replace(
             CerebellumConfig.from_dict(state["config"]),
             compute_dtype=self.servicer.config.compute_dtype,
+            answer_zeros=self.servicer.config.answer_zeros,
         )
         cerebellum = config.build()
         cerebellum.load_state_dict(state["cerebellum"])

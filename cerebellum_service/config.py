@@ -59,7 +59,15 @@ _ZONE_KEYS = (
     "init_seed",
     "dtype",
 )
-_TOP_KEYS = ("zones", "lr", "cache_size", "lesion", "learning", "compute_dtype")
+_TOP_KEYS = (
+    "zones",
+    "lr",
+    "cache_size",
+    "lesion",
+    "learning",
+    "compute_dtype",
+    "answer_zeros",
+)
 # Names the zones' container already uses for attributes (keys, train, ...).
 _NAME_PROBE = nn.ModuleDict()
 
@@ -128,7 +136,15 @@ class ZoneSpec:
 class CerebellumConfig:
     """Everything ``Configure`` sets: microzones, learning rate, cache, lesion,
     when the server learns (:data:`LEARNING`) and the dtype of its arithmetic
-    (:data:`COMPUTE_DTYPES`)."""
+    (:data:`COMPUTE_DTYPES`).
+
+    ``answer_zeros`` makes the server a measuring device, not a cerebellum: it
+    checks every query as usual, then answers it with zero feedback of the
+    right shape and dtype without computing or caching anything, so it learns
+    nothing (later observations are cache misses). ``ccdni bench --profile``
+    uses it to time decoupled without the cerebellum's arithmetic while every
+    message still travels.
+    """
 
     zones: tuple[ZoneSpec, ...]
     lr: float = 1e-3
@@ -136,6 +152,7 @@ class CerebellumConfig:
     lesion: str | None = None
     learning: str = "background"
     compute_dtype: str = "float32"
+    answer_zeros: bool = False
     zone_names: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -161,6 +178,7 @@ class CerebellumConfig:
             "lesion": self.lesion,
             "learning": self.learning,
             "compute_dtype": self.compute_dtype,
+            "answer_zeros": self.answer_zeros,
         }
 
     def with_lesion(self, lesion: str | None) -> CerebellumConfig:
@@ -208,6 +226,7 @@ class CerebellumConfig:
             compute_dtype=_choice(
                 raw.get("compute_dtype", "float32"), "compute_dtype", COMPUTE_DTYPES
             ),
+            answer_zeros=_boolean(raw.get("answer_zeros", False), "answer_zeros"),
         )
 
 
@@ -334,6 +353,12 @@ def _zone(raw: object, key: str, max_parameters: int) -> ZoneSpec:
 def _choice(value: object, key: str, allowed: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in allowed:
         raise ConfigError(key, f"is {value!r}; expected one of {list(allowed)}")
+    return value
+
+
+def _boolean(value: object, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"is {value!r}; expected true or false")
     return value
 
 

@@ -110,6 +110,7 @@ _COUNTERS = (
     "predict_streams",
     "predictions",
     "predictions_lesioned",
+    "predictions_zeros",
     "learn_streams",
     "observations",
     "accepted",
@@ -325,6 +326,17 @@ class CerebellumServicer(pb_grpc.CerebellumServicer):
             reply.predictions.extend(pb.Tensor() for _ in queries)
             reply.available.extend(False for _ in queries)
             self.counters.add("predictions_lesioned", len(queries))
+            return reply
+
+        if current.config.answer_zeros:
+            for query, dtype in queries:
+                rows = query.activity.shape[0]
+                width = current.cerebellum.zones[query.zone].out_features
+                encode(
+                    torch.zeros(rows, width, dtype=dtype), out=reply.predictions.add()
+                )
+                reply.available.append(True)
+            self.counters.add("predictions_zeros", len(queries))
             return reply
 
         predictions = current.cerebellum.predict([query for query, _ in queries])

@@ -142,7 +142,9 @@ class BenchConfig:
             window's activity sent between two processes, and a chunk's compute
             alone and side by side with copies of itself, to tell compute and
             transport from contention; and run ``decoupled`` once more with its
-            cerebellum lesioned, to measure the slowest chunk's own pace.
+            cerebellum lesioned, to measure the slowest chunk's own pace, and
+            once with a cerebellum that answers zeros and computes nothing, to
+            measure what its arithmetic costs.
     """
 
     task: str = "patterns"
@@ -347,11 +349,14 @@ class RaySchedule:
         scratch: Path,
         placement: Placement,
         lesion: str | None = None,
+        answer_zeros: bool = False,
     ) -> None:
         from orchestrator.cluster import Cluster, DistributedConfig
 
         self.name = name
-        self.lesion = lesion  # the cerebellum's, from step 0 (a profile probe)
+        # Profile probes only: the cerebellum's lesion from step 0, or a
+        # cerebellum that answers zeros and computes nothing.
+        self.lesion = lesion
         dist = DistributedConfig(
             schedule=name,
             micro_batches=bench.micro_batches if name == "pipelined" else 1,
@@ -365,6 +370,7 @@ class RaySchedule:
             cerebellum_precision=bench.cerebellum_precision,
         )
         self.cluster = Cluster(config, dist, task, scratch / f"{name}-k{config.chunks}")
+        self.cluster.cerebellum_answers_zeros = answer_zeros
         self._pids: dict[str, int] = {}
 
     def launch(self) -> None:
@@ -1612,7 +1618,14 @@ def render_tables(result: dict[str, Any]) -> str:
             )
             lines.append(f"| {name} | {chunk} | {cells} |")
 
-    for name in ("send_latency", "predict_latency", "core_scaling", "critical_pace"):
+    probes = (
+        "send_latency",
+        "predict_latency",
+        "core_scaling",
+        "critical_pace",
+        "free_cerebellum_pace",
+    )
+    for name in probes:
         error = (result.get(name) or {}).get("error")
         if error:
             first = error.splitlines()[0]
@@ -1897,6 +1910,9 @@ def findings(result: dict[str, Any]) -> list[str]:
     pace = _pace_note(result, decoupled, locked)
     if pace:
         notes.append(pace)
+    free = _free_cerebellum_note(result, decoupled, locked)
+    if free:
+        notes.append(free)
     bound = cpu_bound(result)
     if bound is not None:
         notes.append(
@@ -1919,6 +1935,34 @@ def findings(result: dict[str, Any]) -> list[str]:
             )
         )
     return notes
+
+
+def _free_cerebellum_note(
+    result: dict[str, Any], decoupled: dict[str, Any], locked: dict[str, Any]
+) -> str | None:
+    """What decoupled reaches when its cerebellum costs only its messages."""
+    free = _probed(result, "free_cerebellum_pace")
+    if not free:
+        return None
+    rate = free["steps_per_second"]
+    cpu = free["cpu_ms_per_step"].get("cerebellum")
+    full = (cpu_seconds_per_step(decoupled) or {}).get("cerebellum")
+    costs = (
+        f" (its CPU {cpu:.0f} ms per step against {1000 * full:.0f} ms in the "
+        "measured runs)"
+        if cpu is not None and full is not None
+        else ""
+    )
+    return (
+        "with a cerebellum that answers every Predict at once with zero feedback "
+        "(it decodes each query and sends a full-sized answer, but computes and "
+        f"learns nothing{costs}; every chunk keeps all its work and every "
+        f"message travels) decoupled ran at {rate:.2f} steps/s, "
+        f"{_x(rate / locked['steps_per_second'])} locked, against "
+        f"{_x(decoupled['speedup'])} with the cerebellum at work: the cost of "
+        "the cerebellum's arithmetic on these cores, which a cluster gives a "
+        "device of its own."
+    )
 
 
 def _on_cpus(result: dict[str, Any]) -> bool:
@@ -2498,6 +2542,25 @@ def measure_critical_pace(bench: BenchConfig, task: TaskData) -> dict[str, Any]:
     its own. Same chunks, placement, steps and segments as the measured runs;
     one run, no evaluations.
     """
+    return _pace_run(bench, task, lesion="cerebellum")
+
+
+def measure_free_cerebellum_pace(bench: BenchConfig, task: TaskData) -> dict[str, Any]:
+    """``decoupled`` with a cerebellum that costs nothing but its messages.
+
+    The cerebellum answers every Predict at once with zero feedback
+    (``answer_zeros``): it checks and decodes each query and sends an answer
+    of full size, but computes, caches and learns nothing. Every chunk keeps
+    all its work, the chunk below the cut its backward pass too, and every
+    message travels as in the measured runs. What this run loses against them
+    is the cerebellum's arithmetic, the part that a cluster gives a device of
+    its own; what it keeps is everything else. One run, no evaluations.
+    """
+    return _pace_run(bench, task, answer_zeros=True)
+
+
+def _pace_run(bench: BenchConfig, task: TaskData, **cerebellum) -> dict[str, Any]:
+    """One unevaluated ``decoupled`` run with its cerebellum changed as given."""
     placement = plan(bench)
     with tempfile.TemporaryDirectory(prefix="ccdni-bench-pace-") as scratch:
         contender = RaySchedule(
@@ -2507,7 +2570,7 @@ def measure_critical_pace(bench: BenchConfig, task: TaskData) -> dict[str, Any]:
             task,
             Path(scratch),
             placement,
-            lesion="cerebellum",
+            **cerebellum,
         )
         try:
             launch_all([contender], bench.warmup)
@@ -2519,12 +2582,13 @@ def measure_critical_pace(bench: BenchConfig, task: TaskData) -> dict[str, Any]:
     phases = phase_seconds_per_step([run], bench.chunks)
     busy = [s.machine_busy for s in run.segments]
     return {
-        "config": {"lesion": "cerebellum", "steps": run.steps},
+        "config": {**cerebellum, "steps": run.steps},
         "steps_per_second": run.steps_per_second,
-        # The server's own count, warm-up included: none answered, all refused.
+        # The server's own count, warm-up included.
         "predictions": {
             "answered": counters.get("predictions", 0.0),
             "lesioned": counters.get("predictions_lesioned", 0.0),
+            "zeros": counters.get("predictions_zeros", 0.0),
         },
         "busy": {n: a["busy"] for n, a in actors.items() if "busy" in a},
         "cpu_ms_per_step": {
@@ -2623,6 +2687,9 @@ def run_bench(
         result["core_scaling"] = _probe(measure_core_scaling, bench, task)
         if "decoupled" in bench.schedules and bench.chunks > 1:
             result["critical_pace"] = _probe(measure_critical_pace, bench, task)
+            result["free_cerebellum_pace"] = _probe(
+                measure_free_cerebellum_pace, bench, task
+            )
         write_results(result, out, doc)
     logger.info("wrote %s in %.0f s", out / "bench.json", result["wall_seconds"])
     return result
@@ -2797,7 +2864,8 @@ def add_bench_parser(commands) -> argparse.ArgumentParser:
         default=None,
         help="also time a lone cerebellum's Predict, a lone activity send and a "
         "chunk's compute with the run's shapes, and run decoupled once more "
-        "with its cerebellum lesioned (the slowest chunk's own pace)",
+        "with its cerebellum lesioned (the slowest chunk's own pace) and once "
+        "with a cerebellum that answers zeros (what its arithmetic costs)",
     )
     parser.add_argument(
         "--quick",

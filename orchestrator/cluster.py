@@ -255,6 +255,9 @@ class Cluster:
         # Lesions by the step they take effect at (config.lesions in steps), and
         # the step the chunks last reported, for re-lesioning a restored actor.
         self.lesion_steps: dict[int, str] = {}
+        # A measuring device instead of a cerebellum (CerebellumConfig's
+        # answer_zeros): set before start(), by the bench's profile only.
+        self.cerebellum_answers_zeros = False
         self._furthest = 0
         self.placement_group = None
         self.record = RunRecord()
@@ -414,6 +417,7 @@ class Cluster:
             "nice": self.dist.cerebellum_nice,
             "batch_scheduling": self.dist.batch_scheduling,
             "precision": self.dist.cerebellum_precision,
+            "answer_zeros": self.cerebellum_answers_zeros,
             "clients": self.config.chunks,
             "token": self.token,
             "threads": self.config.threads,

@@ -325,6 +325,23 @@ def test_critical_pace_runs_decoupled_with_a_cerebellum_that_answers_nothing():
     assert phases["chunk-1"]["backward"] > phases["chunk-0"]["backward"]
 
 
+@pytest.mark.usefixtures("ray_cluster")
+def test_free_cerebellum_pace_keeps_every_chunks_work_and_answers_only_zeros():
+    config = bench.BenchConfig(**{**bench.QUICK, "steps": 4, "eval_every": 2})
+    task = load_task(config.task, seed=0, n_train=config.n_train)
+    free = bench.measure_free_cerebellum_pace(config, task)
+
+    assert free["config"] == {"answer_zeros": True, "steps": 4}
+    # Zeros from the warm-up on, through the reset (a restore) before the run.
+    assert free["predictions"]["answered"] == 0
+    windows = -(-task.seq_len // config.truncation)
+    assert free["predictions"]["zeros"] >= 4 * windows
+    assert free["predictions"]["lesioned"] == 0
+    # Answered, the chunk below the cut does its backward pass as in the runs.
+    assert free["phase_ms_per_step"]["chunk-0"]["backward"] > 0
+    assert set(free["cpu_ms_per_step"]) >= {"chunk-0", "chunk-1", "cerebellum"}
+
+
 def _paced(cerebellum_cpu: float, chunk0_cpu: float) -> dict:
     """A result whose decoupled run and pace probe say what the test needs."""
     rate = 10.0  # decoupled's steps/s: a process at 0.1 cores spends 10 ms a step
@@ -513,3 +530,17 @@ def test_locked_goes_first_and_sets_the_target_the_others_chase(monkeypatch):
     assert decoupled["time_to_target"]["speedup"] == pytest.approx(1.0)
     assert locked["time_to_target"]["steps"] == [4, 4]
     assert all(r["chase_steps"] == 0 for r in locked["runs"])
+
+
+def test_the_free_cerebellum_note_sets_its_pace_beside_the_measured_one():
+    locked = {"steps_per_second": 10.0}
+    result = _paced(cerebellum_cpu=14, chunk0_cpu=30)
+    decoupled = {**result["decoupled"], "speedup": 1.0}
+    assert bench._free_cerebellum_note(result, decoupled, locked) is None
+    result["free_cerebellum_pace"] = {
+        "steps_per_second": 17.0,
+        "cpu_ms_per_step": {"cerebellum": 4.0},
+    }
+    note = bench._free_cerebellum_note(result, decoupled, locked)
+    assert "17.00 steps/s, 1.70× locked, against 1.00×" in note
+    assert "its CPU 4 ms per step against 14 ms" in note

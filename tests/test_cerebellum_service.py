@@ -349,6 +349,29 @@ def test_a_bfloat16_server_answers_each_asker_in_its_dtype_and_learns():
     assert all(p.dtype == torch.float32 for p in zone.parameters())
 
 
+def test_a_zero_answering_server_checks_queries_answers_zeros_and_learns_nothing():
+    servicer, server = start_cerebellum({**zone_config(), "answer_zeros": True})
+    try:
+        channel_stub = stub(server)
+        x, target = activity(50), torch.full((ROWS, WIDTH), 0.5)
+        (answer,) = predict(channel_stub, query(x, batch=1))
+        (half,) = predict(channel_stub, query(x.bfloat16(), batch=2))
+        reply = channel_stub.Learn(iter([learn_request(target, batch=1)]), timeout=10)
+        with pytest.raises(grpc.RpcError) as refused:  # still checked as usual
+            predict(channel_stub, query(activity(0)[:, :3], batch=3))
+        stats = servicer.stats()
+    finally:
+        server.stop(0)
+
+    assert answer.shape == (ROWS, WIDTH) and not answer.any()
+    assert half.dtype == torch.bfloat16 and not half.any()
+    assert stats["predictions_zeros"] == 2 and stats["predictions"] == 0
+    # Nothing was cached, so the observation has nothing to pair with.
+    assert (reply.accepted, reply.cache_misses) == (0, 1)
+    assert stats["cache_misses"] == 1 and servicer.step == 0
+    assert refused.value.code() == INVALID
+
+
 def test_on_update_server_learns_only_when_a_frame_asks():
     servicer, server = start_cerebellum({**zone_config(), "learning": "on_update"})
     try:
@@ -779,6 +802,11 @@ BAD_CONFIGS = {
         msgpack.packb({**zone_config(), "learning": "sometimes"}),
         INVALID,
         "config.learning",
+    ),
+    "bad_answer_zeros": (
+        msgpack.packb({**zone_config(), "answer_zeros": 1}),
+        INVALID,
+        "config.answer_zeros",
     ),
 }
 
