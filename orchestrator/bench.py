@@ -1954,10 +1954,10 @@ def _free_cerebellum_note(
         else ""
     )
     return (
-        "with a cerebellum that answers every Predict at once with zero feedback "
-        "(it decodes each query and sends a full-sized answer, but computes and "
-        f"learns nothing{costs}; every chunk keeps all its work and every "
-        f"message travels) decoupled ran at {rate:.2f} steps/s, "
+        "with a cerebellum that answers every Predict at once with zero "
+        "feedback, decoding each query and sending a full-sized answer but "
+        f"computing and learning nothing{costs}, while every chunk keeps all its "
+        f"work and every message travels, decoupled ran at {rate:.2f} steps/s, "
         f"{_x(rate / locked['steps_per_second'])} locked, against "
         f"{_x(decoupled['speedup'])} with the cerebellum at work: the cost of "
         "the cerebellum's arithmetic on these cores, which a cluster gives a "
