@@ -26,6 +26,7 @@ the schema describes.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import io
@@ -988,7 +989,9 @@ def load_checkpoint(
             f"({type(error).__name__}: {error})"
         ) from error
     cerebellum.frozen = config.lesion == "olive"
-    return config, cerebellum, step
+    # A measuring device's setting, not the cerebellum's: what comes back from a
+    # checkpoint is a cerebellum that computes.
+    return dataclasses.replace(config, answer_zeros=False), cerebellum, step
 
 
 def read_manifest(path: str | Path) -> dict:

@@ -107,14 +107,15 @@ class BenchConfig:
         output_context: decoupled's output microzone gets the label and the
             time step (``--context --time-context --context-zones output``),
             with which decoupled learns as well as locked (docs/DISTRIBUTED.md).
-        target_loss: validation loss for time-to-target (``None``: the loss every
-            run reached, see :func:`choose_target`).
+        target_loss: validation loss for time-to-target (``None``: the loss
+            ``locked`` ends its runs at, see :func:`choose_target`).
         target_steps: the most batches a run trains to reach the target loss
             (``None``: 4 × ``steps``). A run that has not reached it after its
             ``steps`` measured batches goes on, evaluating as before, until it
             does or has trained this many; the batches beyond ``steps`` count
             only towards time to target, not towards throughput or the loss
-            after a fixed number of examples. ``steps`` turns it off.
+            after a fixed number of examples. The value of ``steps`` turns it
+            off, and so does a default target without ``locked`` to set it.
         sweep_chunks: other numbers of chunks to measure throughput at.
         sweep_steps: batches per run in the sweep.
         seed: weights and batch order.
@@ -245,7 +246,10 @@ class BenchConfig:
 
     @property
     def max_target_steps(self) -> int:
-        """Batches a run may train in all to reach the target loss."""
+        """Batches a run may train in all to reach the target loss: ``steps``
+        where nothing can chase it (a default target and no ``locked``)."""
+        if self.target_loss is None and "locked" not in self.schedules:
+            return self.steps
         return 4 * self.steps if self.target_steps is None else self.target_steps
 
     def train_config(self) -> TrainConfig:
@@ -674,6 +678,7 @@ def run_once(
             run.curve.append(
                 _curve_point(contender.evaluate(), stop, examples, seconds, train_loss)
             )
+    run.peak_rss = contender.peak_rss()  # of the measured steps
     if evaluate and chase is not None:
         for start in range(steps, bench.max_target_steps, every):
             if time_to_target(run.curve, chase) is not None:
@@ -690,7 +695,6 @@ def run_once(
             run.curve.append(
                 _curve_point(contender.evaluate(), stop, examples, seconds, train_loss)
             )
-    run.peak_rss = contender.peak_rss()
     return run
 
 
@@ -1547,7 +1551,7 @@ def _time_to_target_cell(ttt: dict[str, Any]) -> str:
     runs = len(ttt["runs"])
     steps = [s for s in ttt.get("steps", []) if s is not None]
     if ttt["seconds"] is None:
-        within = f" in {ttt['max_steps']} steps" if "max_steps" in ttt else ""
+        within = f" in {ttt['max_steps']} steps" if "max_steps" in ttt and runs else ""
         return f"not reached{within} ({ttt['reached']}/{runs})"
     if not steps:
         return f"{ttt['seconds']:.1f}"
@@ -2166,7 +2170,9 @@ _RECORD = {
         "metric_name": {"type": "string"},
         "time_to_target": {
             "type": "object",
-            "required": ["seconds", "reached", "runs", "steps", "max_steps", "speedup"],
+            # steps and max_steps came with the chase for the target; files
+            # written before it lack them.
+            "required": ["seconds", "reached", "runs", "speedup"],
             "properties": {
                 "seconds": _OPTIONAL_NUMBER,
                 "reached": {"type": "integer", "minimum": 0},
@@ -2802,7 +2808,7 @@ def add_bench_parser(commands) -> argparse.ArgumentParser:
         type=int,
         help="batches a run may train in all to reach the target loss; those "
         "beyond --steps count only towards time to target (default 4 × --steps; "
-        "--steps turns the chase off)",
+        "the value of --steps turns the chase off)",
     )
     parser.add_argument(
         "--sweep-chunks",

@@ -415,6 +415,11 @@ def test_flags_override_quick_and_quick_overrides_the_defaults():
     assert parse().max_target_steps == 4 * parse().steps
     assert parse("--target-steps", "100").max_target_steps == 100
     assert parse("--steps", "30").max_target_steps == 120
+    # A default target needs locked to set it; a given one does not.
+    assert parse("--schedules", "decoupled,pipelined").max_target_steps == 60
+    assert (
+        parse("--schedules", "decoupled", "--target-loss", "1").max_target_steps == 240
+    )
     assert parse().cerebellum_precision == "auto"
     assert parse("--cerebellum-precision", "float32").cerebellum_precision == (
         "float32"
@@ -544,3 +549,34 @@ def test_the_free_cerebellum_note_sets_its_pace_beside_the_measured_one():
     note = bench._free_cerebellum_note(result, decoupled, locked)
     assert "17.00 steps/s, 1.70× locked, against 1.00×" in note
     assert "its CPU 4 ms per step against 14 ms" in note
+
+
+def test_a_given_target_keeps_the_turn_order_and_every_contender_chases_it(
+    monkeypatch,
+):
+    config = bench.BenchConfig(
+        schedules=("decoupled", "locked"),
+        steps=4,
+        eval_every=2,
+        repeats=1,
+        warmup=0,
+        target_loss=1.0,
+    )
+    task = load_task("patterns", n_train=1000)
+    turns: list = []
+
+    def scripted(bench_config, *_):
+        rates = {"locked": 0.2, "decoupled": 0.1}
+        return [
+            ScriptedContender(n, rates[n], 0.1, turns) for n in bench_config.schedules
+        ]
+
+    monkeypatch.setattr(bench, "build_contenders", scripted)
+    placement = bench.Placement(gpus=False, fresh=False, cpus_per_actor=0.5)
+    runs = bench.run_interleaved(config, task, None, placement)
+
+    assert [t[0] for t in turns if t[1] == 0] == ["decoupled", "locked"]
+    # Loss 2 - rate * batches: locked reaches 1.0 at 5 batches, decoupled at 10.
+    assert bench.steps_to_target(runs["locked"][0].curve, 1.0) == 6
+    assert bench.steps_to_target(runs["decoupled"][0].curve, 1.0) == 10
+    assert runs["decoupled"][0].steps == runs["locked"][0].steps == 4

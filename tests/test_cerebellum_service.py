@@ -882,6 +882,26 @@ def test_checkpoint_restore_round_trip(cerebellum):
     assert manifest["zones"] == [ZONE]
 
 
+def test_a_restore_brings_back_a_cerebellum_that_computes(cerebellum, reference):
+    servicer, _, channel_stub = cerebellum
+    probe = query(activity(11), batch=11)
+    (trained,) = predict(channel_stub, probe)
+    zeros_servicer, zeros = start_cerebellum(
+        {**zone_config(), "answer_zeros": True},
+        checkpoint_dir=servicer.checkpoint_dir,
+    )
+    try:
+        (before,) = predict(stub(zeros), probe)
+        stub(zeros).Restore(pb.RestoreRequest(path=str(reference[0])), timeout=10)
+        (after,) = predict(stub(zeros), probe)
+    finally:
+        zeros.stop(0)
+
+    assert trained.any() and not before.any()
+    assert torch.equal(after, trained)
+    assert not zeros_servicer.config.answer_zeros
+
+
 def test_failed_checkpoint_write_keeps_previous_one(cerebellum, monkeypatch):
     servicer, server, channel_stub = cerebellum
     directory = servicer.checkpoint_dir / "failed_write"
