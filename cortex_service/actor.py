@@ -398,6 +398,10 @@ class ChunkActor:
             else str(runtime.cerebellum_dtype).removeprefix("torch."),
         }
 
+    def received_cpu_seconds(self) -> float:
+        """CPU its server's handlers have spent receiving activity and feedback."""
+        return self.servicer.counters.get("receive.cpu_seconds")
+
     def results(self, since: int = 0) -> dict[str, Any]:
         """Losses from step ``since`` on and the timeline (for reports)."""
         runtime = self.runtime

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
 
@@ -176,7 +177,12 @@ class CortexServicer(pb_grpc.CortexServicer):
         self.checkpoint_fn = checkpoint
         self.restore_fn = restore
         self.counters = Counters(
-            ["activity.accepted", "feedback.accepted", "bytes.received"]
+            [
+                "activity.accepted",
+                "feedback.accepted",
+                "bytes.received",
+                "receive.cpu_seconds",
+            ]
         )
         self._activity_order = _Order()
         self._feedback_order = _Order()
@@ -209,7 +215,21 @@ class CortexServicer(pb_grpc.CortexServicer):
         )
 
     def _push(self, request_iterator, context, stream, check, mailbox, order):
-        """Check each whole message of a stream, then deposit it in ``mailbox``."""
+        """Check each whole message of a stream, then deposit it in ``mailbox``.
+
+        The CPU this handler's thread spends on it (decoding, checking,
+        depositing; not gRPC's own transport threads) adds up in the
+        ``receive.cpu_seconds`` counter: what receiving costs this process.
+        """
+        began = time.thread_time()
+        try:
+            return self._receive(
+                request_iterator, context, stream, check, mailbox, order
+            )
+        finally:
+            self.counters.add("receive.cpu_seconds", time.thread_time() - began)
+
+    def _receive(self, request_iterator, context, stream, check, mailbox, order):
         accepted = 0
         try:
             for frame, tensors in codec.decode_frames(request_iterator, stream):

@@ -308,6 +308,8 @@ class Segment:
             seconds since the epoch.
         cpu: CPU seconds each process spent meanwhile (where ``/proc`` tells).
         machine_busy: cores the whole machine kept busy meanwhile, on average.
+        received: CPU seconds each chunk's server handlers spent receiving
+            activity and feedback meanwhile (ccdni's chunks only).
     """
 
     seconds: float
@@ -316,6 +318,7 @@ class Segment:
     events: list[dict[str, Any]]
     cpu: dict[str, float] = field(default_factory=dict)
     machine_busy: float | None = None
+    received: dict[str, float] = field(default_factory=dict)
 
 
 class Contender(Protocol):
@@ -425,6 +428,14 @@ class RaySchedule:
 
     def evaluate(self) -> dict[str, Any]:
         return self.cluster.evaluate("validation")
+
+    def received_cpu_seconds(self) -> dict[str, float]:
+        """Each chunk's CPU spent receiving so far (its server's handlers)."""
+        import ray
+
+        chunks = self.cluster.chunks
+        seconds = ray.get([c.received_cpu_seconds.remote() for c in chunks])
+        return {f"chunk-{k}": v for k, v in enumerate(seconds)}
 
     def pids(self) -> dict[str, int]:
         return dict(self._pids)
@@ -561,6 +572,8 @@ def measure(contender: Contender, start: int, stop: int) -> Segment:
     """Train ``start`` to ``stop - 1`` and read what the processes spent."""
     pids = contender.pids()
     pids["driver"] = os.getpid()
+    received = getattr(contender, "received_cpu_seconds", dict)
+    received_before = received()
     cpu_before = {name: _proc_cpu_seconds(pid) for name, pid in pids.items()}
     ticks_before = _machine_ticks()
     began = time.perf_counter()
@@ -569,6 +582,7 @@ def measure(contender: Contender, start: int, stop: int) -> Segment:
 
     driver_seconds = time.perf_counter() - began
     ticks_after = _machine_ticks()
+    received_after = received()
     cpu = {}
     for name, pid in pids.items():
         after = _proc_cpu_seconds(pid)
@@ -578,7 +592,12 @@ def measure(contender: Contender, start: int, stop: int) -> Segment:
     if ticks_before and ticks_after and ticks_after[1] > ticks_before[1]:
         share = (ticks_after[0] - ticks_before[0]) / (ticks_after[1] - ticks_before[1])
         busy = share * (os.cpu_count() or 1)
-    return Segment(seconds, driver_seconds, losses, events, cpu, busy)
+    receiving = {
+        name: received_after[name] - received_before[name]
+        for name in received_after
+        if name in received_before
+    }
+    return Segment(seconds, driver_seconds, losses, events, cpu, busy, receiving)
 
 
 # Running ---------------------------------------------------------------------------
@@ -999,6 +1018,18 @@ def actor_breakdown(runs: Sequence[Run]) -> dict[str, dict[str, Any]]:
     return result
 
 
+def receive_seconds_per_step(runs: Sequence[Run]) -> dict[str, float] | None:
+    """Per chunk, CPU seconds per measured step its server's handlers spent
+    receiving activity and feedback; None where the contender does not say
+    (the PyTorch stages)."""
+    segments = [s for r in runs for s in r.segments]
+    if not segments or any(not s.received for s in segments):
+        return None
+    steps = sum(r.steps for r in runs)
+    names = segments[0].received
+    return {n: sum(s.received.get(n, 0.0) for s in segments) / steps for n in names}
+
+
 def ideal_speedups(
     per_step: dict[str, list[dict[str, float]]], chunks: int, micro: int
 ) -> dict[str, float | None]:
@@ -1147,6 +1178,7 @@ def summarise(
         record["phase_seconds_per_step"] = {
             f"chunk-{k}": v for k, v in enumerate(per_step[name])
         }
+        record["receive_seconds_per_step"] = receive_seconds_per_step(rs)
         record["runs"] = [
             {
                 "seconds": r.seconds,
@@ -1609,17 +1641,22 @@ def render_tables(result: dict[str, Any]) -> str:
 
     lines += [
         "",
-        "Milliseconds per step in each phase, per chunk:",
+        "Milliseconds per step in each phase, per chunk (*receive*: CPU that "
+        "the chunk's server spends taking in activity and feedback, on threads "
+        "beside the phases):",
         "",
         "| schedule | chunk | forward | backward | update | predict | send "
-        "| wait for input | wait for feedback |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| wait for input | wait for feedback | receive |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in records.items():
+        receive = r.get("receive_seconds_per_step") or {}
         for chunk, phases in r["phase_seconds_per_step"].items():
             cells = " | ".join(
                 f"{1000 * phases[p]:.1f}" for p in (*COMPUTE_PHASES, *WAIT_PHASES)
             )
+            got = receive.get(chunk)
+            cells += " | " + ("–" if got is None else f"{1000 * got:.1f}")
             lines.append(f"| {name} | {chunk} | {cells} |")
 
     probes = (
@@ -2207,6 +2244,15 @@ _RECORD = {
                 "type": "object",
                 "additionalProperties": {"type": "number", "minimum": 0},
             },
+        },
+        "receive_seconds_per_step": {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "additionalProperties": {"type": "number", "minimum": 0},
+                },
+                {"type": "null"},
+            ]
         },
         "runs": {
             "type": "array",

@@ -55,6 +55,13 @@ def test_quick_bench_runs_every_schedule_and_writes_a_valid_bench_json(tmp_path)
             assert curve[-1]["step"] == quick["steps"] + run["chase_steps"]
             above = curve[measured_end]["validation_loss"] > target
             assert (run["chase_steps"] > 0) == (above and name != "locked"), name
+    # What receiving cost each chunk's server: locked's chunks both receive
+    # (activity up, feedback down), decoupled's first chunk nothing (its
+    # feedback is predicted), and the PyTorch stages do not say.
+    receive = {name: r["receive_seconds_per_step"] for name, r in records.items()}
+    assert receive["locked"]["chunk-0"] > 0 and receive["locked"]["chunk-1"] > 0
+    assert receive["decoupled"]["chunk-0"] == 0 < receive["decoupled"]["chunk-1"]
+    assert receive["torch-gpipe"] is None and receive["torch-1f1b"] is None
     assert records["decoupled"]["uses_cerebellum"]
     assert "cerebellum" in records["decoupled"]["actors"]
     assert not records["locked"]["uses_cerebellum"]

@@ -133,6 +133,14 @@ def test_bad_activity_is_refused_counted_and_changes_nothing(
     assert servicer.activity_in.take((0, 0, 0), timeout=5).shape == (2, 3, INPUT)
 
 
+def test_receiving_counts_the_handlers_cpu(chunk_server):
+    servicer, _, stub = chunk_server
+    before = servicer.counters.get("receive.cpu_seconds")
+    frame = activity_frame(torch.randn(64, 7, INPUT), batch=7)
+    assert stub.PushActivity(iter([frame]), timeout=5).accepted == 1
+    assert servicer.counters.get("receive.cpu_seconds") > before
+
+
 def test_out_of_order_and_duplicate_keys_are_refused(chunk_server):
     servicer, _, stub = chunk_server
     assert stub.PushActivity(iter([good(batch=1, window=2)]), timeout=5).accepted == 1
