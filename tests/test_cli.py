@@ -160,6 +160,16 @@ def test_cerebellum_precision_reaches_the_distributed_config():
         DistributedConfig(cerebellum_precision="half")
 
 
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_the_distributed_flags_default_to_what_distributed_config_does(command):
+    """The flags repeat the dataclass's defaults: they must not drift apart."""
+    from orchestrator.cli import distributed_from_args
+    from orchestrator.cluster import DistributedConfig
+
+    args = build_parser().parse_args([command, "--out", "x"])
+    assert distributed_from_args(args) == DistributedConfig()
+
+
 def test_report_on_a_directory_without_a_run_says_so(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["report", str(tmp_path)])
