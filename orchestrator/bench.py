@@ -228,8 +228,8 @@ class BenchConfig:
         if self.target_steps is not None and self.target_steps < self.steps:
             raise ConfigError(
                 f"--target-steps {self.target_steps} is below --steps {self.steps}: "
-                "a run trains at least its measured steps (give --steps to turn "
-                "the chase for the target off)"
+                "a run trains at least its measured steps (--target-steps equal "
+                "to --steps turns the chase for the target off)"
             )
         if self.micro_batches > self.batch_size:
             raise ConfigError(
@@ -582,12 +582,12 @@ def measure(contender: Contender, start: int, stop: int) -> Segment:
 
     driver_seconds = time.perf_counter() - began
     ticks_after = _machine_ticks()
-    received_after = received()
     cpu = {}
     for name, pid in pids.items():
         after = _proc_cpu_seconds(pid)
         if after is not None and cpu_before[name] is not None:
             cpu[name] = after - cpu_before[name]
+    received_after = received()  # its calls are outside the CPU read above
     busy = None
     if ticks_before and ticks_after and ticks_after[1] > ticks_before[1]:
         share = (ticks_after[0] - ticks_before[0]) / (ticks_after[1] - ticks_before[1])
