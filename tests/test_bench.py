@@ -587,3 +587,26 @@ def test_a_given_target_keeps_the_turn_order_and_every_contender_chases_it(
     assert bench.steps_to_target(runs["locked"][0].curve, 1.0) == 6
     assert bench.steps_to_target(runs["decoupled"][0].curve, 1.0) == 10
     assert runs["decoupled"][0].steps == runs["locked"][0].steps == 4
+
+
+def test_the_fresh_placement_chases_the_target_as_the_shared_one_does(monkeypatch):
+    config = bench.BenchConfig(
+        schedules=("decoupled", "locked"), steps=4, eval_every=2, repeats=2, warmup=0
+    )
+    task = load_task("patterns", n_train=1000)
+    turns: list = []
+    started: list = []
+
+    def scripted(bench_config, *_):
+        (name,) = bench_config.schedules  # one contender per turn
+        started.append(name)
+        rate = {"locked": 0.2, "decoupled": 0.1}[name]
+        return [ScriptedContender(name, rate, 0.1, turns)]
+
+    monkeypatch.setattr(bench, "build_contenders", scripted)
+    placement = bench.Placement(gpus=False, fresh=True, cpus_per_actor=0.5)
+    runs = bench.run_interleaved(config, task, None, placement)
+
+    assert started == ["locked", "decoupled"] * 2
+    assert [r.chase_steps for r in runs["decoupled"]] == [4, 4]
+    assert [r.chase_steps for r in runs["locked"]] == [0, 0]
