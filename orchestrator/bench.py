@@ -682,21 +682,27 @@ def run_once(
     every = bench.eval_every
     examples = 0
     seconds = 0.0
+
+    def trained(start: int, stop: int, taken: float, losses: dict) -> None:
+        """Count batches ``start`` to ``stop - 1``, then evaluate (if asked)."""
+        nonlocal examples, seconds
+        seconds += taken
+        examples += sum(
+            batch_rows(task, bench.batch_size, s) for s in range(start, stop)
+        )
+        if evaluate:
+            train_loss = statistics.fmean(losses.values())
+            run.curve.append(
+                _curve_point(contender.evaluate(), stop, examples, seconds, train_loss)
+            )
+
     if evaluate:
         run.curve.append(_curve_point(contender.evaluate(), 0, 0, 0.0, None))
     for start in range(0, steps, every):
         stop = min(start + every, steps)
         segment = measure(contender, start, stop)
         run.segments.append(segment)
-        seconds += segment.seconds
-        examples += sum(
-            batch_rows(task, bench.batch_size, s) for s in range(start, stop)
-        )
-        if evaluate:
-            train_loss = statistics.fmean(segment.losses.values())
-            run.curve.append(
-                _curve_point(contender.evaluate(), stop, examples, seconds, train_loss)
-            )
+        trained(start, stop, segment.seconds, segment.losses)
     run.peak_rss = contender.peak_rss()  # of the measured steps
     if evaluate and chase is not None:
         for start in range(steps, bench.max_target_steps, every):
@@ -706,14 +712,7 @@ def run_once(
             taken, losses, _ = contender.train(start, stop)
             run.chase_steps += stop - start
             run.chase_seconds += taken
-            seconds += taken
-            examples += sum(
-                batch_rows(task, bench.batch_size, s) for s in range(start, stop)
-            )
-            train_loss = statistics.fmean(losses.values())
-            run.curve.append(
-                _curve_point(contender.evaluate(), stop, examples, seconds, train_loss)
-            )
+            trained(start, stop, taken, losses)
     return run
 
 
@@ -1564,7 +1563,7 @@ def _chase_note(config: dict[str, Any], source: str) -> str:
     whose = (
         "locked's final loss, locked first in each round"
         if source == "auto"
-        else ("the given loss")
+        else "the given loss"
     )
     return (
         f"; a run above the target loss ({whose}) after its {steps} steps trains "
@@ -1573,15 +1572,22 @@ def _chase_note(config: dict[str, Any], source: str) -> str:
     )
 
 
+def _reached_steps(ttt: dict[str, Any]) -> list[int]:
+    """The steps at which the runs of a time-to-target record reached it
+    (none in files written before the chase recorded them)."""
+    return [s for s in ttt.get("steps", []) if s is not None]
+
+
 def _steps_range(steps: list[int]) -> str:
     low, high = min(steps), max(steps)
     return str(low) if low == high else f"{low}–{high}"
 
 
 def _time_to_target_cell(ttt: dict[str, Any]) -> str:
-    """Seconds to the target and the batches it took (median), or who missed it."""
+    """Seconds to the target (median) and the range of steps it took, or how
+    many runs missed it."""
     runs = len(ttt["runs"])
-    steps = [s for s in ttt.get("steps", []) if s is not None]
+    steps = _reached_steps(ttt)
     if ttt["seconds"] is None:
         within = f" in {ttt['max_steps']} steps" if "max_steps" in ttt and runs else ""
         return f"not reached{within} ({ttt['reached']}/{runs})"
@@ -1819,10 +1825,8 @@ def findings(result: dict[str, Any]) -> list[str]:
             f"{ttt['reached']} of its {len(ttt['runs'])} runs reached the target "
             f"loss {result['target_loss']:.3f}"
         )
-        steps = [s for s in ttt.get("steps", []) if s is not None]
-        locked_steps = [
-            s for s in locked["time_to_target"].get("steps", []) if s is not None
-        ]
+        steps = _reached_steps(ttt)
+        locked_steps = _reached_steps(locked["time_to_target"])
         if ttt["speedup"] is not None and steps and locked_steps:
             reached += (
                 f", after {_steps_range(steps)} steps against "
