@@ -508,24 +508,38 @@ def test_a_run_above_the_target_chases_it_without_counting_towards_throughput():
         assert run.chase_steps == 0 and run.curve[-1]["step"] == 4
 
 
-def test_locked_goes_first_and_sets_the_target_the_others_chase(monkeypatch):
-    config = bench.BenchConfig(
-        schedules=("decoupled", "locked"), steps=4, eval_every=2, repeats=2, warmup=0
-    )
+RATES = {"locked": 0.2, "decoupled": 0.1}
+"""How fast each scripted contender's validation loss falls per batch."""
+
+
+def run_scripted(monkeypatch, config, fresh=False, seconds=None):
+    """``run_interleaved`` over scripted contenders (:data:`RATES`; each batch
+    takes ``seconds[name]``, 0.1 s by default). Returns the task, the runs, the
+    ``(name, start, stop)`` of every train call, and the names built, in order."""
     task = load_task("patterns", n_train=1000)
     turns: list = []
-    rates = {"locked": 0.2, "decoupled": 0.1}
-    seconds = {"locked": 0.2, "decoupled": 0.1}
+    built: list = []
 
     def scripted(bench_config, *_):
+        built.extend(bench_config.schedules)
         return [
-            ScriptedContender(n, rates[n], seconds[n], turns)
+            ScriptedContender(n, RATES[n], (seconds or {}).get(n, 0.1), turns)
             for n in bench_config.schedules
         ]
 
     monkeypatch.setattr(bench, "build_contenders", scripted)
-    placement = bench.Placement(gpus=False, fresh=False, cpus_per_actor=0.5)
+    placement = bench.Placement(gpus=False, fresh=fresh, cpus_per_actor=0.5)
     runs = bench.run_interleaved(config, task, None, placement)
+    return task, runs, turns, built
+
+
+def test_locked_goes_first_and_sets_the_target_the_others_chase(monkeypatch):
+    config = bench.BenchConfig(
+        schedules=("decoupled", "locked"), steps=4, eval_every=2, repeats=2, warmup=0
+    )
+    task, runs, turns, _ = run_scripted(
+        monkeypatch, config, seconds={"locked": 0.2, "decoupled": 0.1}
+    )
     assert [t[0] for t in turns if t[1] == 0] == ["locked", "decoupled"] * 2
     assert list(runs) == ["decoupled", "locked"]  # reported in the given order
 
@@ -569,18 +583,7 @@ def test_a_given_target_keeps_the_turn_order_and_every_contender_chases_it(
         warmup=0,
         target_loss=1.0,
     )
-    task = load_task("patterns", n_train=1000)
-    turns: list = []
-
-    def scripted(bench_config, *_):
-        rates = {"locked": 0.2, "decoupled": 0.1}
-        return [
-            ScriptedContender(n, rates[n], 0.1, turns) for n in bench_config.schedules
-        ]
-
-    monkeypatch.setattr(bench, "build_contenders", scripted)
-    placement = bench.Placement(gpus=False, fresh=False, cpus_per_actor=0.5)
-    runs = bench.run_interleaved(config, task, None, placement)
+    _, runs, turns, _ = run_scripted(monkeypatch, config)
 
     assert [t[0] for t in turns if t[1] == 0] == ["decoupled", "locked"]
     # Loss 2 - rate * batches: locked reaches 1.0 at 5 batches, decoupled at 10.
@@ -593,19 +596,7 @@ def test_the_fresh_placement_chases_the_target_as_the_shared_one_does(monkeypatc
     config = bench.BenchConfig(
         schedules=("decoupled", "locked"), steps=4, eval_every=2, repeats=2, warmup=0
     )
-    task = load_task("patterns", n_train=1000)
-    turns: list = []
-    started: list = []
-
-    def scripted(bench_config, *_):
-        (name,) = bench_config.schedules  # one contender per turn
-        started.append(name)
-        rate = {"locked": 0.2, "decoupled": 0.1}[name]
-        return [ScriptedContender(name, rate, 0.1, turns)]
-
-    monkeypatch.setattr(bench, "build_contenders", scripted)
-    placement = bench.Placement(gpus=False, fresh=True, cpus_per_actor=0.5)
-    runs = bench.run_interleaved(config, task, None, placement)
+    _, runs, _, started = run_scripted(monkeypatch, config, fresh=True)
 
     assert started == ["locked", "decoupled"] * 2
     assert [r.chase_steps for r in runs["decoupled"]] == [4, 4]
