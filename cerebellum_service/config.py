@@ -235,8 +235,8 @@ def resolve_precision(requested: str, device: torch.device | None = None) -> str
 
     ``auto`` is ``bfloat16`` where the device computes it natively (a GPU that
     supports it; a CPU with AVX512-BF16 or AMX, or an Arm CPU with BF16) and
-    ``float32`` elsewhere, where autocast would emulate bfloat16 more slowly
-    than it computes float32.
+    ``float32`` elsewhere, where bfloat16 would be emulated, more slowly than
+    float32 is computed.
 
     Raises:
         ConfigError: ``requested`` is not one of :data:`PRECISIONS`.

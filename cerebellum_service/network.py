@@ -4,9 +4,20 @@ One microzone serves one interface of the cortex (a chunk's state at window ends
 or a chunk's output). It receives a copy of cortical activity ("mossy fibres"),
 expands it in a wide ReLU granule layer and reads out the predicted feedback with
 a linear Purkinje layer that starts at zero, so a new cerebellum predicts nothing.
+
+Besides ``forward`` (autograd, for analyses), a microzone computes its
+predictions and the gradient of its mean squared error by hand
+(:meth:`Microzone.infer`, :meth:`Microzone.mse_backward`): the matrix products
+autograd would run, without its graph or autocast's bookkeeping, which cost as
+much as the products themselves in the small zones a server updates once per
+window. A prediction leaves a :class:`Trace` (each layer's input) that the
+update learns from later, so learning runs no second forward pass. Tests hold
+the gradients equal to autograd's.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -45,13 +56,14 @@ class MossyFibres(nn.Linear):
         with torch.no_grad():
             self.weight.uniform_(-bound, bound)
 
+    def effective_weight(self) -> torch.Tensor:
+        """The weight with absent connections zeroed."""
+        if self.connectivity is None:
+            return self.weight
+        return self.weight * self.connectivity
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = (
-            self.weight
-            if self.connectivity is None
-            else self.weight * self.connectivity
-        )
-        return nn.functional.linear(x, weight, self.bias)
+        return nn.functional.linear(x, self.effective_weight(), self.bias)
 
 
 class Microzone(nn.Module):
@@ -103,6 +115,14 @@ class Microzone(nn.Module):
         self, activity: torch.Tensor, context: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``(N, in)`` activity (and ``(N, context)``) to ``(N, granule_width)``."""
+        self._check_inputs(activity, context)
+        if self.context_size:
+            activity = torch.cat([activity, context], dim=-1)
+        return self.granule(activity)
+
+    def _check_inputs(
+        self, activity: torch.Tensor, context: torch.Tensor | None
+    ) -> None:
         if activity.shape[-1] != self.in_features:
             raise ValueError(
                 f"microzone expects activity of width {self.in_features}, "
@@ -114,11 +134,105 @@ class Microzone(nn.Module):
                 raise ValueError(
                     f"microzone expects context of width {self.context_size}, got {got}"
                 )
-            activity = torch.cat([activity, context], dim=-1)
-        return self.granule(activity)
 
     def forward(
         self, activity: torch.Tensor, context: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Predicted feedback ``(N, out)`` for activity ``(N, in)``."""
         return self.purkinje(self.granule_activity(activity, context))
+
+    @torch.no_grad()
+    def infer(
+        self,
+        activity: torch.Tensor,
+        context: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Trace:
+        """``forward`` without autograd, its products in ``dtype`` (default: the
+        weights'); the trace holds the prediction, in ``dtype``."""
+        self._check_inputs(activity, context)
+        dtype = dtype or self.purkinje.weight.dtype
+        x = activity if not self.context_size else torch.cat([activity, context], -1)
+        x = x.to(dtype)  # (N, in + context)
+        layers = self._affine_layers()
+
+        inputs = []
+        for index, layer in enumerate(layers):
+            inputs.append(x)
+            weight = _weight(layer).to(dtype)
+            x = torch.addmm(layer.bias.to(dtype), x, weight.t())
+            if index < len(layers) - 1:
+                x = x.relu_()
+        return Trace(tuple(inputs), x)
+
+    @torch.no_grad()
+    def mse_backward(self, trace: Trace, target: torch.Tensor) -> float:
+        """Set every parameter's ``.grad`` to the gradient of the mean squared
+        error between ``trace``'s prediction and ``target``.
+
+        The products run in the dtype of the trace, with the current weights;
+        each gradient is cast to its parameter's dtype. For a trace of the
+        current weights this is what autograd computes for
+        ``F.mse_loss(self(activity, context), target)`` under autocast to that
+        dtype, with the biases' gradients summed in float32; for an older trace
+        it is the gradient of the error of the prediction that was made.
+
+        Returns:
+            The loss.
+        """
+        own = self.purkinje.weight.dtype
+        dtype = trace.prediction.dtype
+        error = trace.prediction - target.to(dtype)  # (N, out)
+        flat = error.reshape(-1).to(torch.float32)
+        loss = float(torch.dot(flat, flat)) / flat.numel()
+        scale = 2.0 / flat.numel()  # d(mean of squares)/d(error), applied last
+
+        layers = self._affine_layers()
+        grad = error
+        for index in reversed(range(len(layers))):
+            layer, x = layers[index], trace.inputs[index]
+            grad_weight = grad.t().mm(x).to(own).mul_(scale)
+            if isinstance(layer, MossyFibres) and layer.connectivity is not None:
+                grad_weight.mul_(layer.connectivity)
+            layer.weight.grad = grad_weight
+            layer.bias.grad = grad.sum(0, dtype=torch.float32).mul_(scale).to(own)
+            if index:
+                # x is the previous layer's ReLU output: positive where it passed.
+                weight = _weight(layer).to(dtype)
+                grad = torch.ops.aten.threshold_backward(grad.mm(weight), x, 0)
+        return loss
+
+    def _affine_layers(self) -> list[nn.Linear]:
+        """Mossy fibres first, the Purkinje layer last; a ReLU after all others."""
+        layers = [m for m in self.granule if isinstance(m, nn.Linear)]
+        layers.append(self.purkinje)
+        return layers
+
+
+@dataclass(frozen=True)
+class Trace:
+    """What a prediction leaves behind to learn from: each affine layer's input
+    and the prediction, in the dtype they were computed in."""
+
+    inputs: tuple[torch.Tensor, ...]  # (N, in + context), then (N, granule) each
+    prediction: torch.Tensor  # (N, out)
+
+    @property
+    def rows(self) -> int:
+        return self.prediction.shape[0]
+
+    @staticmethod
+    def cat(traces: list[Trace]) -> Trace:
+        """The traces stacked by rows; a single one as it is (no copy)."""
+        if len(traces) == 1:
+            return traces[0]
+        inputs = tuple(
+            torch.cat(parts) for parts in zip(*(t.inputs for t in traces), strict=True)
+        )
+        return Trace(inputs, torch.cat([t.prediction for t in traces]))
+
+
+def _weight(layer: nn.Linear) -> torch.Tensor:
+    if isinstance(layer, MossyFibres):
+        return layer.effective_weight()
+    return layer.weight

@@ -1,0 +1,155 @@
+"""The microzone's hand-written passes against autograd, and learning from traces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cerebellum_service.learning import ActivityKey, LocalCerebellum, Observation, Query
+from cerebellum_service.network import Microzone, Trace
+
+SHAPES = {
+    "dense": dict(granule_width=48),
+    "sparse": dict(granule_width=48, inputs_per_granule=5),
+    "two granule layers": dict(granule_width=32, granule_layers=2),
+    "context": dict(granule_width=48, context_size=3),
+}
+
+
+def zone_and_data(shape: str, seed: int = 0):
+    """A microzone with a non-zero Purkinje layer, and activity, context, target."""
+    torch.manual_seed(seed)
+    zone = Microzone(12, 7, seed=seed, **SHAPES[shape])
+    torch.nn.init.normal_(zone.purkinje.weight, std=0.3)
+    torch.nn.init.normal_(zone.purkinje.bias, std=0.1)
+    rows = 40
+    activity = torch.randn(rows, 12)
+    context = torch.randn(rows, zone.context_size) if zone.context_size else None
+    return zone, activity, context, torch.randn(rows, 7)
+
+
+def autograd_gradients(zone, activity, context, target, dtype):
+    zone.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        prediction = zone(activity, context)
+    loss = F.mse_loss(prediction.float(), target)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in zone.named_parameters()}
+    zone.zero_grad(set_to_none=True)
+    return prediction.detach(), float(loss.detach()), grads
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_mse_backward_equals_autograd_in_float32(shape):
+    zone, activity, context, target = zone_and_data(shape)
+    prediction, loss, expected = autograd_gradients(
+        zone, activity, context, target, torch.float32
+    )
+
+    trace = zone.infer(activity, context)
+    got_loss = zone.mse_backward(trace, target)
+
+    torch.testing.assert_close(trace.prediction, prediction, rtol=1e-6, atol=1e-6)
+    assert got_loss == pytest.approx(loss, rel=1e-6)
+    for name, p in zone.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32, name
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7)
+    if shape == "sparse":
+        # No gradient reaches a connection that does not exist.
+        absent = zone.granule[0].connectivity == 0
+        assert absent.any() and torch.all(zone.granule[0].weight.grad[absent] == 0)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_mse_backward_in_bfloat16_matches_autocast(shape):
+    zone, activity, context, target = zone_and_data(shape, seed=1)
+    prediction, loss, expected = autograd_gradients(
+        zone, activity, context, target, torch.bfloat16
+    )
+
+    trace = zone.infer(
+        activity.bfloat16(),
+        None if context is None else context.bfloat16(),
+        torch.bfloat16,
+    )
+    got_loss = zone.mse_backward(trace, target.bfloat16())
+
+    assert trace.prediction.dtype == torch.bfloat16
+    torch.testing.assert_close(trace.prediction, prediction, rtol=0.02, atol=0.02)
+    assert got_loss == pytest.approx(loss, rel=0.02)
+    for name, p in zone.named_parameters():
+        assert p.grad.dtype == torch.float32, name  # the weights' own dtype
+        scale = expected[name].abs().max()
+        torch.testing.assert_close(
+            p.grad / scale, expected[name] / scale, rtol=0, atol=0.03
+        )
+
+
+def test_traces_stack_by_rows():
+    zone, activity, context, _ = zone_and_data("context")
+    halves = [
+        zone.infer(activity[:25], context[:25]),
+        zone.infer(activity[25:], context[25:]),
+    ]
+    whole = zone.infer(activity, context)
+
+    stacked = Trace.cat(halves)
+
+    assert stacked.rows == 40 and Trace.cat(halves[:1]) is halves[0]
+    for got, want in zip(stacked.inputs, whole.inputs, strict=True):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(stacked.prediction, whole.prediction)
+
+
+def learning_cerebellum() -> tuple[LocalCerebellum, Microzone]:
+    zone, *_ = zone_and_data("dense", seed=2)
+    return LocalCerebellum({"z": zone}, lr=0.05), zone
+
+
+def test_an_update_learns_from_the_prediction_that_was_made():
+    cerebellum, zone = learning_cerebellum()
+    generator = torch.Generator().manual_seed(3)
+    first, other = (torch.randn(16, 12, generator=generator) for _ in range(2))
+    feedback = torch.randn(16, 7, generator=generator)
+    (made,) = cerebellum.predict([Query("z", ActivityKey(0, 0), first)])
+
+    # Another example's update moves the weights before the feedback arrives.
+    cerebellum.predict([Query("z", ActivityKey(0, 1), other)])
+    cerebellum.observe([Observation("z", ActivityKey(0, 1), feedback)])
+    cerebellum.update()
+    now = zone.infer(first).prediction
+    cerebellum.observe([Observation("z", ActivityKey(0, 0), feedback)])
+    losses = cerebellum.update()
+
+    assert not torch.allclose(now, made)
+    assert losses["z"] == pytest.approx(float(F.mse_loss(made, feedback)), rel=1e-6)
+    assert losses["z"] != pytest.approx(float(F.mse_loss(now, feedback)), rel=1e-3)
+
+
+def test_feedback_with_its_own_activity_learns_from_a_prediction_made_now():
+    cerebellum, zone = learning_cerebellum()
+    generator = torch.Generator().manual_seed(4)
+    activity = torch.randn(16, 12, generator=generator)
+    feedback = torch.randn(16, 7, generator=generator)
+    expected_loss = float(F.mse_loss(zone(activity).detach(), feedback))
+    before = zone.purkinje.weight.detach().clone()
+
+    cerebellum.observe([Observation("z", ActivityKey(5, 0), feedback, activity)])
+    losses = cerebellum.update()
+
+    assert losses["z"] == pytest.approx(expected_loss, rel=1e-6)
+    assert not torch.equal(zone.purkinje.weight, before)
+
+
+def test_the_cache_keeps_one_copy_of_the_input_and_no_trace_under_an_olive_lesion():
+    zone, activity, context, _ = zone_and_data("context", seed=5)
+    cerebellum = LocalCerebellum({"z": zone})
+    cerebellum.predict([Query("z", ActivityKey(0, 0), activity, context)])
+    cerebellum.frozen = True
+    cerebellum.predict([Query("z", ActivityKey(0, 1), activity, context)])
+
+    kept, kept_context, trace = cerebellum._cache[("z", ActivityKey(0, 0))]
+    assert kept.untyped_storage().data_ptr() == trace.inputs[0].data_ptr()
+    assert torch.equal(kept, activity) and torch.equal(kept_context, context)
+    assert cerebellum._cache[("z", ActivityKey(0, 1))][2] is None
