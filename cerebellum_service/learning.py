@@ -2,13 +2,11 @@
 
 The cortex asks a :class:`FeedbackPredictor` for predicted feedback on its activity
 and later hands it the observed feedback for the same activity, matched by an
-:class:`ActivityKey`. The cerebellum keeps the activity it predicted on, and the
-trace its prediction left (each layer's input, the prediction itself), in a
-bounded cache; when the observed feedback arrives, the pair becomes a regression
-example (mean squared error), the inferior olive's teaching signal, and the error
-of the prediction that was made is backpropagated from its trace, as in decoupled
-neural interfaces: learning computes no second forward pass. Learning is applied
-in batches by :meth:`FeedbackPredictor.update`.
+:class:`ActivityKey`. The cerebellum keeps the activity it predicted on in a bounded
+cache; when the observed feedback arrives, the pair becomes a regression example
+(mean squared error), the inferior olive's teaching signal. Learning is applied in
+batches by :meth:`FeedbackPredictor.update`, so a window costs one small forward
+pass of each microzone and a sequence one batched backward pass.
 
 Two implementations share this interface: :class:`LocalCerebellum` (an object in
 the same process) and the gRPC client in ``cerebellum_service.client``.
@@ -28,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from cerebellum_service.network import Microzone, Trace
+from cerebellum_service.network import Microzone
 
 logger = logging.getLogger(__name__)
 
@@ -170,13 +168,13 @@ class LocalCerebellum(FeedbackPredictor):
         self.stats: dict[str, ZoneStats] = {name: ZoneStats() for name in zones}
         self.evictions = 0
         self._cache: OrderedDict[tuple[str, ActivityKey], tuple] = OrderedDict()
-        # (zone, activity, context, trace or None, observed feedback)
-        self._pending: list[tuple] = []
+        self._pending: list[tuple[str, torch.Tensor, torch.Tensor | None, torch.Tensor]]
+        self._pending = []
         # _lock guards the cache, the pending examples, the stats and every write
         # to the parameters; predictions hold it for their whole forward pass.
         # _update_lock serialises updates (and state loads) so that an update's
-        # backward pass can run without _lock: it only reads the parameters, and
-        # only optimizer.step, under _lock, writes them.
+        # forward and backward pass can run without _lock: they only read the
+        # parameters, and only optimizer.step, under _lock, writes them.
         self._lock = threading.Lock()
         # Staleness of observed feedback, in windows, for whoever measures it
         # (the actor's metrics): newest predicted key per zone, windows per batch.
@@ -208,7 +206,7 @@ class LocalCerebellum(FeedbackPredictor):
                 zone = self.zone(query.zone)
                 trace = zone.infer(query.activity, query.context, self._arithmetic())
                 predictions.append(trace.prediction.to(query.activity.dtype))
-                self._remember(query, trace)
+                self._remember(query)
                 self.stats[query.zone].predictions += 1
         return predictions
 
@@ -239,34 +237,30 @@ class LocalCerebellum(FeedbackPredictor):
         stats = self.stats[observation.zone]
         cache_key = (observation.zone, observation.key)
         if observation.activity is not None:
-            entry = (
-                observation.activity.detach(),
-                _detached(observation.context),
-                None,
-            )
+            entry = (observation.activity.detach(), _detached(observation.context))
         else:
             entry = self._cache.get(cache_key)
             if entry is None:
                 stats.cache_misses += 1
                 return "cache_miss"
-        _check_pair(zone, observation, *entry[:2])
+        _check_pair(zone, observation, *entry)
 
         self._cache.pop(cache_key, None)
         stats.observations += 1
         self._record_staleness(observation.zone, observation.key)
         if self.frozen:
             return "frozen"
-        activity, context, trace = entry
+        activity, context = entry
         self._pending.append(
-            (observation.zone, activity, context, trace, observation.feedback.detach())
+            (observation.zone, activity, context, observation.feedback.detach())
         )
         return "accepted"
 
     def update(self) -> dict[str, float]:
         """One Adam step on every zone with pending observations (batched).
 
-        Predictions may run while it computes: the backward pass reads the
-        parameters without holding the lock; only the optimiser step, which
+        Predictions may run while it computes: the forward and backward pass read
+        the parameters without holding the lock; only the optimiser step, which
         writes them, excludes predictions.
         """
         with self._update_lock:
@@ -277,25 +271,27 @@ class LocalCerebellum(FeedbackPredictor):
                 return {}
 
             grouped: dict[str, list] = defaultdict(list)
-            for zone, *example in pending:
-                grouped[zone].append(example)
+            for zone, activity, context, target in pending:
+                grouped[zone].append((activity, context, target))
 
             # Each zone's gradient depends on its own examples only: computed
             # zone by zone, it is what one backward pass of the sum of the zones'
-            # losses gives. An example learns from the trace of the prediction
-            # it answers (the activity the cerebellum was given, as an eligibility
-            # trace); one given its own activity is predicted for now.
+            # losses gives. The forward pass runs again, with the weights of now:
+            # learning from the trace each prediction left instead, as decoupled
+            # neural interfaces do, saved 1.3 ms of CPU per bench step but took
+            # more steps to reach the same loss (docs/BENCHMARKS.md).
             self.optimizer.zero_grad(set_to_none=True)
             records = []
             for zone, examples in grouped.items():
-                microzone = self.zones[zone]
-                trace = Trace.cat(
-                    [
-                        trace or microzone.infer(activity, context, self._arithmetic())
-                        for activity, context, trace, _ in examples
-                    ]
+                activity = _rows([a for a, _, _ in examples])
+                context = (
+                    _rows([c for _, c, _ in examples])
+                    if examples[0][1] is not None
+                    else None
                 )
-                target = _rows([t for *_, t in examples])
+                target = _rows([t for _, _, t in examples])
+                microzone = self.zones[zone]
+                trace = microzone.infer(activity, context, self._arithmetic())
                 loss = microzone.mse_backward(trace, target)
                 records.append((zone, trace.prediction, target, loss))
 
@@ -316,7 +312,7 @@ class LocalCerebellum(FeedbackPredictor):
         staleness = (latest.batch - key.batch) * windows + latest.window - key.window
         self.staleness_observer(zone, float(max(0, staleness)))
 
-    def _remember(self, query: Query, trace: Trace) -> None:
+    def _remember(self, query: Query) -> None:
         latest = self._latest.get(query.zone)
         if latest is None or (query.key.batch, query.key.window) > (
             latest.batch,
@@ -326,13 +322,7 @@ class LocalCerebellum(FeedbackPredictor):
         self._windows_per_batch = max(self._windows_per_batch, query.key.window + 1)
         activity = query.activity.detach()
         context = None if query.context is None else query.context.detach()
-        if self.frozen:
-            trace = None  # an olive lesion: nothing will learn from it
-        elif context is not None:
-            # The trace's input holds both, side by side: keep one copy.
-            x = trace.inputs[0]  # (N, in + context)
-            activity, context = x[:, : activity.shape[1]], x[:, activity.shape[1] :]
-        self._cache[(query.zone, query.key)] = (activity, context, trace)
+        self._cache[(query.zone, query.key)] = (activity, context)
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
             self.evictions += 1

@@ -10,8 +10,8 @@ predictions and the gradient of its mean squared error by hand
 (:meth:`Microzone.infer`, :meth:`Microzone.mse_backward`): the matrix products
 autograd would run, without its graph or autocast's bookkeeping, which cost as
 much as the products themselves in the small zones a server updates once per
-window. A prediction leaves a :class:`Trace` (each layer's input) that the
-update learns from later, so learning runs no second forward pass. Tests hold
+window. ``infer`` returns a :class:`Trace` (each layer's input and the
+prediction), which ``mse_backward`` backpropagates the error from. Tests hold
 the gradients equal to autograd's.
 """
 
