@@ -1081,6 +1081,15 @@ def choose_target(curves: dict[str, list[list[dict[str, Any]]]]) -> float | None
     return max(bests) if bests else None
 
 
+def censored_median(times: list[float | None]) -> float | None:
+    """The median of ``times`` where ``None`` (a run that never got there) is
+    slower than any time; ``None`` when that median falls on such a run."""
+    if not times:
+        return None
+    median = statistics.median(math.inf if t is None else t for t in times)
+    return None if math.isinf(median) else median
+
+
 def time_to_target(curve: list[dict[str, Any]], target: float) -> float | None:
     """Measured seconds to the first evaluation at or below ``target``.
 
@@ -1154,9 +1163,7 @@ def summarise(
         times = [time_to_target(r.curve, target) for r in rs] if target else []
         reached = [t for t in times if t is not None]
         record["time_to_target"] = {
-            "seconds": statistics.median(reached)
-            if times and len(reached) == len(times)
-            else None,
+            "seconds": censored_median(times),
             "reached": len(reached),
             "runs": times,
             "steps": [steps_to_target(r.curve, target) for r in rs] if target else [],
@@ -1584,17 +1591,22 @@ def _steps_range(steps: list[int]) -> str:
 
 
 def _time_to_target_cell(ttt: dict[str, Any]) -> str:
-    """Seconds to the target (median) and the range of steps it took, or how
+    """Seconds to the target (median) and the range of steps it took, and how
     many runs missed it."""
     runs = len(ttt["runs"])
     steps = _reached_steps(ttt)
+    within = f" in {ttt['max_steps']} steps" if "max_steps" in ttt and runs else ""
     if ttt["seconds"] is None:
-        within = f" in {ttt['max_steps']} steps" if "max_steps" in ttt and runs else ""
         return f"not reached{within} ({ttt['reached']}/{runs})"
+    missed = (
+        f"; {runs - ttt['reached']}/{runs} not reached{within}"
+        if ttt["reached"] < runs
+        else ""
+    )
     if not steps:
-        return f"{ttt['seconds']:.1f}"
+        return f"{ttt['seconds']:.1f}" + (f" ({missed[2:]})" if missed else "")
     word = "step" if min(steps) == max(steps) else "steps"
-    return f"{ttt['seconds']:.1f} ({word} {_steps_range(steps)})"
+    return f"{ttt['seconds']:.1f} ({word} {_steps_range(steps)}{missed})"
 
 
 def render_tables(result: dict[str, Any]) -> str:

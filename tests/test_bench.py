@@ -236,6 +236,23 @@ def test_the_default_target_is_lockeds_final_loss_and_shows_who_misses_it():
     assert bench.choose_target(curves) == 0.8  # every run's best: all reach it
 
 
+def test_time_to_target_is_a_median_that_counts_a_miss_as_slowest():
+    assert bench.censored_median([3.0, None, 1.0, 2.0, 5.0]) == 3.0
+    assert bench.censored_median([1.0, None, None, 2.0]) is None  # half missed
+    assert bench.censored_median([None]) is None
+    assert bench.censored_median([]) is None
+
+    ttt = {"seconds": 3.0, "reached": 4, "runs": [1.0, None, 3.0, 2.0, 5.0]}
+    ttt.update(steps=[80, None, 90, 90, 100], max_steps=240)
+    assert bench._time_to_target_cell(ttt) == (
+        "3.0 (steps 80–100; 1/5 not reached in 240 steps)"
+    )
+    ttt.update(seconds=None, reached=2, runs=[1.0, None, None, None, 2.0])
+    assert bench._time_to_target_cell(ttt) == "not reached in 240 steps (2/5)"
+    ttt.update(seconds=2.0, reached=5, runs=[2.0] * 5, steps=[60] * 5)
+    assert bench._time_to_target_cell(ttt) == "2.0 (step 60)"
+
+
 def fake_run(chunks: int, seconds: float, steps: int = 4) -> bench.Run:
     """A run whose chunks each computed ``seconds / chunks`` per step."""
     events = []
