@@ -201,7 +201,7 @@ class LocalCerebellum(FeedbackPredictor):
 
     def predict(self, queries: Sequence[Query]) -> list[torch.Tensor | None]:
         predictions: list[torch.Tensor | None] = []
-        with self._lock, torch.no_grad():
+        with self._lock:
             for query in queries:
                 zone = self.zone(query.zone)
                 trace = zone.infer(query.activity, query.context, self._arithmetic())

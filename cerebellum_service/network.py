@@ -17,6 +17,7 @@ the gradients equal to autograd's.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -170,32 +171,36 @@ class Microzone(nn.Module):
         """Set every parameter's ``.grad`` to the gradient of the mean squared
         error between ``trace``'s prediction and ``target``.
 
-        The products run in the dtype of the trace, with the current weights;
-        each gradient is cast to its parameter's dtype. For a trace of the
-        current weights this is what autograd computes for
-        ``F.mse_loss(self(activity, context), target)`` under autocast to that
-        dtype, with the biases' gradients summed in float32; for an older trace
-        it is the gradient of the error of the prediction that was made.
+        The error is taken in the wider of the prediction's and the target's
+        dtypes, the products run in the trace's dtype with the current weights,
+        sums and the loss in at least float32, and each gradient is cast to its
+        parameter's dtype. For a trace of the current weights this is what
+        autograd computes for ``F.mse_loss(self(activity, context), target)``
+        under autocast to the trace's dtype (there the biases' gradients are
+        summed in the trace's dtype).
 
         Returns:
-            The loss.
+            The loss; NaN for a trace of no rows, whose gradients are zero.
         """
         own = self.purkinje.weight.dtype
         dtype = trace.prediction.dtype
-        error = trace.prediction - target.to(dtype)  # (N, out)
-        flat = error.reshape(-1).to(torch.float32)
-        loss = float(torch.dot(flat, flat)) / flat.numel()
-        scale = 2.0 / flat.numel()  # d(mean of squares)/d(error), applied last
+        wide = torch.promote_types(own, torch.float32)  # sums and the loss
+        error_dtype = torch.promote_types(dtype, target.dtype)
+        error = trace.prediction.to(error_dtype) - target.to(error_dtype)  # (N, out)
+        flat = error.reshape(-1).to(wide)
+        count = flat.numel()
+        loss = float(torch.dot(flat, flat)) / count if count else math.nan
+        scale = 2.0 / count if count else 0.0  # d(mean of squares)/d(error), last
 
         layers = self._affine_layers()
-        grad = error
+        grad = error.to(dtype)
         for index in reversed(range(len(layers))):
             layer, x = layers[index], trace.inputs[index]
             grad_weight = grad.t().mm(x).to(own).mul_(scale)
             if isinstance(layer, MossyFibres) and layer.connectivity is not None:
                 grad_weight.mul_(layer.connectivity)
             layer.weight.grad = grad_weight
-            layer.bias.grad = grad.sum(0, dtype=torch.float32).mul_(scale).to(own)
+            layer.bias.grad = grad.sum(0, dtype=wide).mul_(scale).to(own)
             if index:
                 # x is the previous layer's ReLU output: positive where it passed.
                 weight = _weight(layer).to(dtype)
@@ -211,25 +216,11 @@ class Microzone(nn.Module):
 
 @dataclass(frozen=True)
 class Trace:
-    """What a prediction leaves behind to learn from: each affine layer's input
-    and the prediction, in the dtype they were computed in."""
+    """What a forward pass leaves for its backward pass: each affine layer's
+    input and the prediction, in the dtype they were computed in."""
 
     inputs: tuple[torch.Tensor, ...]  # (N, in + context), then (N, granule) each
     prediction: torch.Tensor  # (N, out)
-
-    @property
-    def rows(self) -> int:
-        return self.prediction.shape[0]
-
-    @staticmethod
-    def cat(traces: list[Trace]) -> Trace:
-        """The traces stacked by rows; a single one as it is (no copy)."""
-        if len(traces) == 1:
-            return traces[0]
-        inputs = tuple(
-            torch.cat(parts) for parts in zip(*(t.inputs for t in traces), strict=True)
-        )
-        return Trace(inputs, torch.cat([t.prediction for t in traces]))
 
 
 def _weight(layer: nn.Linear) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The microzone's hand-written passes against autograd, and learning from traces."""
+"""The microzone's hand-written passes against autograd, and the updates they make."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from cerebellum_service.learning import ActivityKey, LocalCerebellum, Observation, Query
-from cerebellum_service.network import Microzone, Trace
+from cerebellum_service.network import Microzone
 
 SHAPES = {
     "dense": dict(granule_width=48),
@@ -33,28 +33,33 @@ def autograd_gradients(zone, activity, context, target, dtype):
     zone.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         prediction = zone(activity, context)
-    loss = F.mse_loss(prediction.float(), target)
+    loss = F.mse_loss(prediction.to(target.dtype), target)
     loss.backward()
     grads = {name: p.grad.clone() for name, p in zone.named_parameters()}
     zone.zero_grad(set_to_none=True)
     return prediction.detach(), float(loss.detach()), grads
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_mse_backward_equals_autograd_in_float32(shape):
+def test_mse_backward_equals_autograd_in_the_zones_dtype(shape, dtype):
     zone, activity, context, target = zone_and_data(shape)
+    zone.to(dtype)
+    activity, target = activity.to(dtype), target.to(dtype)
+    context = None if context is None else context.to(dtype)
     prediction, loss, expected = autograd_gradients(
-        zone, activity, context, target, torch.float32
+        zone, activity, context, target, dtype
     )
+    tight = {"rtol": 1e-5, "atol": 1e-7} if dtype == torch.float32 else {}
 
     trace = zone.infer(activity, context)
     got_loss = zone.mse_backward(trace, target)
 
-    torch.testing.assert_close(trace.prediction, prediction, rtol=1e-6, atol=1e-6)
-    assert got_loss == pytest.approx(loss, rel=1e-6)
+    torch.testing.assert_close(trace.prediction, prediction, **tight)
+    assert got_loss == pytest.approx(loss, rel=1e-6 if tight else 1e-12)
     for name, p in zone.named_parameters():
-        assert p.grad is not None and p.grad.dtype == torch.float32, name
-        torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7)
+        assert p.grad is not None and p.grad.dtype == dtype, name
+        torch.testing.assert_close(p.grad, expected[name], **tight)
     if shape == "sparse":
         # No gradient reaches a connection that does not exist.
         absent = zone.granule[0].connectivity == 0
@@ -84,22 +89,6 @@ def test_mse_backward_in_bfloat16_matches_autocast(shape):
         torch.testing.assert_close(
             p.grad / scale, expected[name] / scale, rtol=0, atol=0.03
         )
-
-
-def test_traces_stack_by_rows():
-    zone, activity, context, _ = zone_and_data("context")
-    halves = [
-        zone.infer(activity[:25], context[:25]),
-        zone.infer(activity[25:], context[25:]),
-    ]
-    whole = zone.infer(activity, context)
-
-    stacked = Trace.cat(halves)
-
-    assert stacked.rows == 40 and Trace.cat(halves[:1]) is halves[0]
-    for got, want in zip(stacked.inputs, whole.inputs, strict=True):
-        torch.testing.assert_close(got, want)
-    torch.testing.assert_close(stacked.prediction, whole.prediction)
 
 
 def learning_cerebellum() -> tuple[LocalCerebellum, Microzone]:
@@ -140,3 +129,30 @@ def test_feedback_with_its_own_activity_learns_from_a_prediction_made_now():
 
     assert losses["z"] == pytest.approx(expected_loss, rel=1e-6)
     assert not torch.equal(zone.purkinje.weight, before)
+
+
+def test_float32_feedback_to_a_bfloat16_cerebellum_is_not_rounded_first():
+    zone, activity, _, target = zone_and_data("dense", seed=6)
+    trace = zone.infer(activity.bfloat16(), None, torch.bfloat16)
+    exact = float(F.mse_loss(trace.prediction.float(), target))
+
+    assert zone.mse_backward(trace, target) == pytest.approx(exact, rel=1e-6)
+
+
+def test_an_update_with_no_rows_in_one_zone_still_teaches_the_others():
+    first, _, _, _ = zone_and_data("dense", seed=7)
+    second, activity, _, feedback = zone_and_data("dense", seed=8)
+    cerebellum = LocalCerebellum({"empty": first, "z": second})
+    before = second.purkinje.weight.detach().clone()
+
+    cerebellum.observe(
+        [
+            Observation("empty", ActivityKey(0, 0), feedback[:0], activity[:0]),
+            Observation("z", ActivityKey(0, 0), feedback, activity),
+        ]
+    )
+    losses = cerebellum.update()
+
+    assert losses["empty"] != losses["empty"]  # NaN: no rows, no error
+    assert losses["z"] > 0 and not torch.equal(second.purkinje.weight, before)
+    assert torch.all(first.purkinje.weight.grad == 0)
