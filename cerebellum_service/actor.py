@@ -19,7 +19,12 @@ from cerebellum_service.config import CerebellumConfig, resolve_precision
 from cerebellum_service.servicer import CerebellumServicer, add_to_server
 from protos import checkpoint as ckpt
 from protos.metrics import metrics_for
-from protos.process import batch_scheduling, keep_freed_memory, lower_priority
+from protos.process import (
+    batch_scheduling,
+    keep_freed_memory,
+    lower_priority,
+    thread_names,
+)
 from protos.service import DEFAULT_MAX_WORKERS, ServerSecurity, start_server
 
 logger = logging.getLogger(__name__)
@@ -181,6 +186,10 @@ class CerebellumActor:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def thread_names(self) -> dict[int, str]:
+        """This process's threads by native id (Python's names)."""
+        return thread_names()
 
     def stats(self) -> dict[str, float]:
         return self.servicer.stats()

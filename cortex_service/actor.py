@@ -36,7 +36,7 @@ from cortex_service.servicer import (
 )
 from protos import checkpoint as ckpt
 from protos.metrics import metrics_for
-from protos.process import batch_scheduling, keep_freed_memory
+from protos.process import batch_scheduling, keep_freed_memory, thread_names
 from protos.service import ClientSecurity, ServerSecurity, start_server
 
 logger = logging.getLogger(__name__)
@@ -150,6 +150,8 @@ class ChunkActor:
         self.losses: dict[int, float] = {}
         self.restarts = int(os.environ.get("CCDNI_ACTOR_RESTARTS", "0"))
         self._running = threading.Event()
+        # Native ids of the threads that ran run(): Ray may pick another each call.
+        self._compute_threads: set[int] = set()
         logger.info(
             "%s serving on %s (device %s)", self.name, self.server.address, self.device
         )
@@ -257,6 +259,11 @@ class ChunkActor:
     def pid(self) -> int:
         return os.getpid()
 
+    def thread_names(self) -> dict[int, str]:
+        """This process's threads by native id; those that ran steps (Ray's
+        executor threads, which Python calls Dummy-N) are ``compute``."""
+        return thread_names(dict.fromkeys(self._compute_threads, "compute"))
+
     def connect(
         self,
         below: str | None,
@@ -333,6 +340,7 @@ class ChunkActor:
         """
         if self.runtime is None:
             raise RuntimeError(f"{self.name}: connect() before run()")
+        self._compute_threads.add(threading.get_native_id())
         self._running.set()
         aborted = False
         degraded = 0

@@ -379,6 +379,7 @@ class RaySchedule:
         self.cluster = Cluster(config, dist, task, scratch / f"{name}-k{config.chunks}")
         self.cluster.cerebellum_answers_zeros = answer_zeros
         self._pids: dict[str, int] = {}
+        self._handles: dict[str, Any] = {}
 
     def launch(self) -> None:
         import ray
@@ -391,6 +392,7 @@ class RaySchedule:
         handles = list(self.cluster.chunks)
         if self.cluster.cerebellum is not None:
             handles.append(self.cluster.cerebellum)
+        self._handles = dict(zip(names, handles, strict=True))
         self._pids = dict(zip(names, ray.get([h.pid.remote() for h in handles])))
 
     @property
@@ -439,6 +441,13 @@ class RaySchedule:
 
     def pids(self) -> dict[str, int]:
         return dict(self._pids)
+
+    def thread_names(self) -> dict[str, dict[int, str]]:
+        """Each actor's Python threads by native id (``compute``: a chunk's steps)."""
+        import ray
+
+        names = ray.get([h.thread_names.remote() for h in self._handles.values()])
+        return dict(zip(self._handles, names, strict=True))
 
     def peak_rss(self) -> dict[str, int | None]:
         return {name: _peak_rss(pid) for name, pid in self._pids.items()}
@@ -537,6 +546,61 @@ def _proc_cpu_seconds(pid: int) -> float | None:
         return None
     ticks = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def _thread_cpu_seconds(pid: int) -> dict[int, tuple[str, float]]:
+    """Each thread of ``pid``: its kernel name and CPU seconds, from ``/proc``
+    (empty elsewhere, or once the process is gone).
+
+    The time on a CPU comes from ``schedstat`` (nanoseconds) where the kernel
+    keeps it, else from ``stat`` (user plus system, in clock ticks of 10 ms:
+    too coarse for a thread that runs a few milliseconds).
+    """
+    ticks = os.sysconf("SC_CLK_TCK")
+    threads = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return {}
+    for tid in tids:
+        task = Path(f"/proc/{pid}/task/{tid}")
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue  # ended meanwhile
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        try:
+            seconds = int((task / "schedstat").read_text().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            fields = stat.rsplit(")", 1)[1].split()
+            seconds = (int(fields[11]) + int(fields[12])) / ticks
+        threads[int(tid)] = (name, seconds)
+    return threads
+
+
+def thread_breakdown(
+    before: dict[int, tuple[str, float]],
+    after: dict[int, tuple[str, float]],
+    names: dict[int, str],
+    steps: int,
+) -> list[dict[str, Any]]:
+    """CPU per step of one process's threads between two readings, busiest first.
+
+    A thread is named as Python knows it (``names``) or else as the kernel
+    does; threads of one name are summed (``threads`` counts them). A thread
+    that started in between counts from zero; one that ended is missing.
+    """
+    totals: dict[str, list[float]] = {}
+    for tid, (kernel_name, seconds) in after.items():
+        spent = seconds - before.get(tid, (kernel_name, 0.0))[1]
+        entry = totals.setdefault(names.get(tid, kernel_name), [0.0, 0])
+        entry[0] += spent
+        entry[1] += 1
+    rows = [
+        {"thread": name, "threads": count, "ms_per_step": 1000 * spent / steps}
+        for name, (spent, count) in totals.items()
+    ]
+    return sorted(rows, key=lambda row: -row["ms_per_step"])
 
 
 def _peak_rss(pid: int) -> int | None:
@@ -1590,6 +1654,33 @@ def _steps_range(steps: list[int]) -> str:
     return str(low) if low == high else f"{low}–{high}"
 
 
+def _thread_table(threads: dict[str, Any], shown: int = 5) -> list[str]:
+    """The busiest threads of each actor in a run of decoupled, and the rest."""
+    lines = [
+        f"CPU per step of each actor's threads in one more run of decoupled "
+        f"({threads['config']['steps']} steps, {threads['steps_per_second']:.2f} "
+        "steps/s, not evaluated; from /proc), in ms: *compute* ran a chunk's "
+        "steps, the others are named as Python names them or, for threads of "
+        "gRPC and Ray that Python never ran, as the kernel does (×n: n threads of "
+        "that name):",
+        "",
+        "| actor | thread | ms per step |",
+        "| --- | --- | --- |",
+    ]
+    for actor, rows in threads["thread_ms_per_step"].items():
+        for row in rows[:shown]:
+            count = f" ×{row['threads']}" if row["threads"] > 1 else ""
+            lines.append(
+                f"| {actor} | {row['thread']}{count} | {row['ms_per_step']:.1f} |"
+            )
+        rest = rows[shown:]
+        if rest:
+            spent = sum(row["ms_per_step"] for row in rest)
+            count = sum(row["threads"] for row in rest)
+            lines.append(f"| {actor} | {count} other threads | {spent:.1f} |")
+    return lines
+
+
 def _time_to_target_cell(ttt: dict[str, Any]) -> str:
     """Seconds to the target (median) and the range of steps it took, and how
     many runs missed it."""
@@ -1683,6 +1774,7 @@ def render_tables(result: dict[str, Any]) -> str:
         "core_scaling",
         "critical_pace",
         "free_cerebellum_pace",
+        "thread_cpu",
     )
     for name in probes:
         error = (result.get(name) or {}).get("error")
@@ -1727,6 +1819,10 @@ def render_tables(result: dict[str, Any]) -> str:
                 f"| {phase} | {numbers['median_ms']:.1f} | {numbers['p90_ms']:.1f} "
                 f"| {numbers['p99_ms']:.1f} | {numbers['mean_ms']:.1f} |"
             )
+
+    threads = _probed(result, "thread_cpu")
+    if threads and threads.get("thread_ms_per_step"):
+        lines += ["", *_thread_table(threads)]
 
     sweep = result.get("sweep")
     if sweep:
@@ -2627,8 +2723,15 @@ def measure_free_cerebellum_pace(bench: BenchConfig, task: TaskData) -> dict[str
     return _pace_run(bench, task, answer_zeros=True)
 
 
+def measure_thread_cpu(bench: BenchConfig, task: TaskData) -> dict[str, Any]:
+    """``decoupled`` as measured, once more: the CPU each thread of each actor
+    spends per step, read from ``/proc`` around one unevaluated run."""
+    return _pace_run(bench, task)
+
+
 def _pace_run(bench: BenchConfig, task: TaskData, **cerebellum) -> dict[str, Any]:
-    """One unevaluated ``decoupled`` run with its cerebellum changed as given."""
+    """One unevaluated ``decoupled`` run with its cerebellum changed as given
+    (nothing given: as in the measured runs)."""
     placement = plan(bench)
     with tempfile.TemporaryDirectory(prefix="ccdni-bench-pace-") as scratch:
         contender = RaySchedule(
@@ -2642,7 +2745,11 @@ def _pace_run(bench: BenchConfig, task: TaskData, **cerebellum) -> dict[str, Any
         )
         try:
             launch_all([contender], bench.warmup)
+            pids = contender.pids()
+            before = {n: _thread_cpu_seconds(pid) for n, pid in pids.items()}
             run = run_once(contender, bench, task, bench.steps, evaluate=False)
+            after = {n: _thread_cpu_seconds(pid) for n, pid in pids.items()}
+            names = contender.thread_names()
             counters = contender.cluster.cerebellum_stats()
         finally:
             shutdown_all([contender])
@@ -2671,6 +2778,12 @@ def _pace_run(bench: BenchConfig, task: TaskData, **cerebellum) -> dict[str, Any
         "machine_busy_cores": (
             statistics.fmean(busy) if busy and None not in busy else None
         ),
+        # Over the whole run_once, pipeline fill and drain included.
+        "thread_ms_per_step": {
+            n: thread_breakdown(before[n], after[n], names.get(n, {}), run.steps)
+            for n in pids
+            if after[n]
+        },
     }
 
 
@@ -2758,6 +2871,7 @@ def run_bench(
             result["free_cerebellum_pace"] = _probe(
                 measure_free_cerebellum_pace, bench, task
             )
+            result["thread_cpu"] = _probe(measure_thread_cpu, bench, task)
         write_results(result, out, doc)
     logger.info("wrote %s in %.0f s", out / "bench.json", result["wall_seconds"])
     return result

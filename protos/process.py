@@ -5,6 +5,7 @@ machine: :func:`lower_priority` lets the chunks win cores from the cerebellum
 where they share them, :func:`batch_scheduling` stops a thread woken by a
 message from preempting one that computes, :func:`keep_freed_memory` stops the
 allocator from handing window-sized buffers back to the kernel after every use.
+:func:`thread_names` tells a profiler which thread is which.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import ctypes.util
 import logging
 import os
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Mapping
 
 logger = logging.getLogger(__name__)
 
@@ -134,3 +136,19 @@ def keep_freed_memory() -> bool:
     if not applied:
         logger.warning("the allocator refused mallopt; buffers stay mapped per use")
     return applied
+
+
+def thread_names(labels: Mapping[int, str] | None = None) -> dict[int, str]:
+    """Python's name for each thread of this process, by native thread id, with
+    ``labels`` (id to name) put over them.
+
+    Threads that Python never ran code on, such as gRPC's own, are missing;
+    the kernel's name for them is in ``/proc/<pid>/task/<tid>/comm``.
+    """
+    names = {
+        thread.native_id: thread.name
+        for thread in threading.enumerate()
+        if thread.native_id is not None
+    }
+    names.update(labels or {})
+    return names

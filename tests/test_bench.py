@@ -236,6 +236,45 @@ def test_the_default_target_is_lockeds_final_loss_and_shows_who_misses_it():
     assert bench.choose_target(curves) == 0.8  # every run's best: all reach it
 
 
+def test_threads_are_named_summed_by_name_and_sorted_by_cpu_per_step():
+    before = {1: ("ray::Chunk", 10.0), 2: ("event_engine", 1.0), 3: ("ray::Chunk", 0.5)}
+    after = {
+        1: ("ray::Chunk", 10.8),
+        2: ("event_engine", 1.1),
+        3: ("ray::Chunk", 0.6),
+        4: ("event_engine", 0.1),  # started in between: counts from zero
+    }
+    rows = bench.thread_breakdown(before, after, {1: "compute", 3: "grpc"}, steps=10)
+
+    assert [(r["thread"], r["threads"]) for r in rows] == [
+        ("compute", 1),
+        ("event_engine", 2),
+        ("grpc", 1),
+    ]
+    assert [r["ms_per_step"] for r in rows] == pytest.approx([80.0, 20.0, 10.0])
+
+    table = bench._thread_table(
+        {
+            "config": {"steps": 10},
+            "steps_per_second": 5.0,
+            "thread_ms_per_step": {"chunk-0": rows},
+        },
+        shown=1,
+    )
+    assert "| chunk-0 | compute | 80.0 |" in table
+    assert "| chunk-0 | 3 other threads | 30.0 |" in table
+
+
+def test_thread_names_are_pythons_with_labels_over_them():
+    import threading
+
+    from protos.process import thread_names
+
+    me = threading.get_native_id()
+    assert thread_names()[me] == threading.current_thread().name
+    assert thread_names({me: "compute"})[me] == "compute"
+
+
 def test_time_to_target_is_a_median_that_counts_a_miss_as_slowest():
     assert bench.censored_median([3.0, None, 1.0, 2.0, 5.0]) == 3.0
     assert bench.censored_median([1.0, None, None, 2.0]) is None  # half missed
@@ -347,6 +386,14 @@ def test_critical_pace_runs_decoupled_with_a_cerebellum_that_answers_nothing():
     # Left without feedback, the chunk below the cut has no backward to do.
     phases = pace["phase_ms_per_step"]
     assert phases["chunk-1"]["backward"] > phases["chunk-0"]["backward"]
+    # Every actor's threads, read from /proc and named by the actors.
+    threads = {
+        actor: {row["thread"]: row["ms_per_step"] for row in rows}
+        for actor, rows in pace["thread_ms_per_step"].items()
+    }
+    assert set(threads) == {"chunk-0", "chunk-1", "cerebellum"}
+    assert threads["chunk-1"]["compute"] > 0 and threads["chunk-0"]["compute"] > 0
+    assert "cerebellum-learner" in threads["cerebellum"]
 
 
 @pytest.mark.usefixtures("ray_cluster")
