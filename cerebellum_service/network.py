@@ -116,14 +116,13 @@ class Microzone(nn.Module):
         self, activity: torch.Tensor, context: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``(N, in)`` activity (and ``(N, context)``) to ``(N, granule_width)``."""
-        self._check_inputs(activity, context)
-        if self.context_size:
-            activity = torch.cat([activity, context], dim=-1)
-        return self.granule(activity)
+        return self.granule(self._mossy_input(activity, context))
 
-    def _check_inputs(
+    def _mossy_input(
         self, activity: torch.Tensor, context: torch.Tensor | None
-    ) -> None:
+    ) -> torch.Tensor:
+        """Activity and context side by side, ``(N, in + context)``, once their
+        widths are checked."""
         if activity.shape[-1] != self.in_features:
             raise ValueError(
                 f"microzone expects activity of width {self.in_features}, "
@@ -135,6 +134,8 @@ class Microzone(nn.Module):
                 raise ValueError(
                     f"microzone expects context of width {self.context_size}, got {got}"
                 )
+            return torch.cat([activity, context], dim=-1)
+        return activity
 
     def forward(
         self, activity: torch.Tensor, context: torch.Tensor | None = None
@@ -151,10 +152,8 @@ class Microzone(nn.Module):
     ) -> Trace:
         """``forward`` without autograd, its products in ``dtype`` (default: the
         weights'); the trace holds the prediction, in ``dtype``."""
-        self._check_inputs(activity, context)
         dtype = dtype or self.purkinje.weight.dtype
-        x = activity if not self.context_size else torch.cat([activity, context], -1)
-        x = x.to(dtype)  # (N, in + context)
+        x = self._mossy_input(activity, context).to(dtype)  # (N, in + context)
         layers = self._affine_layers()
 
         inputs = []
