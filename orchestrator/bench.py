@@ -143,9 +143,10 @@ class BenchConfig:
             window's activity sent between two processes, and a chunk's compute
             alone and side by side with copies of itself, to tell compute and
             transport from contention; and run ``decoupled`` once more with its
-            cerebellum lesioned, to measure the slowest chunk's own pace, and
-            once with a cerebellum that answers zeros and computes nothing, to
-            measure what its arithmetic costs.
+            cerebellum lesioned, to measure the slowest chunk's own pace, once
+            with a cerebellum that answers zeros and computes nothing, to
+            measure what its arithmetic costs, and once as measured, to read
+            the CPU of every actor's threads.
     """
 
     task: str = "patterns"
@@ -541,11 +542,16 @@ def _span(events: list[dict[str, Any]]) -> float:
 def _proc_cpu_seconds(pid: int) -> float | None:
     """User plus system CPU seconds of process ``pid``, from ``/proc``."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return _stat_cpu_seconds(Path(f"/proc/{pid}/stat").read_text())
     except OSError:
         return None
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def _stat_cpu_seconds(stat: str) -> float:
+    """User plus system CPU seconds of a ``/proc`` ``stat`` line (process or
+    thread), in clock ticks of 10 ms."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _thread_cpu_seconds(pid: int) -> dict[int, tuple[str, float]]:
@@ -556,7 +562,6 @@ def _thread_cpu_seconds(pid: int) -> dict[int, tuple[str, float]]:
     keeps it, else from ``stat`` (user plus system, in clock ticks of 10 ms:
     too coarse for a thread that runs a few milliseconds).
     """
-    ticks = os.sysconf("SC_CLK_TCK")
     threads = {}
     try:
         tids = os.listdir(f"/proc/{pid}/task")
@@ -572,8 +577,7 @@ def _thread_cpu_seconds(pid: int) -> dict[int, tuple[str, float]]:
         try:
             seconds = int((task / "schedstat").read_text().split()[0]) / 1e9
         except (OSError, ValueError, IndexError):
-            fields = stat.rsplit(")", 1)[1].split()
-            seconds = (int(fields[11]) + int(fields[12])) / ticks
+            seconds = _stat_cpu_seconds(stat)
         threads[int(tid)] = (name, seconds)
     return threads
 
@@ -1689,15 +1693,13 @@ def _time_to_target_cell(ttt: dict[str, Any]) -> str:
     within = f" in {ttt['max_steps']} steps" if "max_steps" in ttt and runs else ""
     if ttt["seconds"] is None:
         return f"not reached{within} ({ttt['reached']}/{runs})"
-    missed = (
-        f"; {runs - ttt['reached']}/{runs} not reached{within}"
-        if ttt["reached"] < runs
-        else ""
-    )
-    if not steps:
-        return f"{ttt['seconds']:.1f}" + (f" ({missed[2:]})" if missed else "")
-    word = "step" if min(steps) == max(steps) else "steps"
-    return f"{ttt['seconds']:.1f} ({word} {_steps_range(steps)}{missed})"
+    notes = []
+    if steps:
+        word = "step" if min(steps) == max(steps) else "steps"
+        notes.append(f"{word} {_steps_range(steps)}")
+    if ttt["reached"] < runs:
+        notes.append(f"{runs - ttt['reached']}/{runs} not reached{within}")
+    return f"{ttt['seconds']:.1f}" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def render_tables(result: dict[str, Any]) -> str:
@@ -3046,8 +3048,9 @@ def add_bench_parser(commands) -> argparse.ArgumentParser:
         default=None,
         help="also time a lone cerebellum's Predict, a lone activity send and a "
         "chunk's compute with the run's shapes, and run decoupled once more "
-        "with its cerebellum lesioned (the slowest chunk's own pace) and once "
-        "with a cerebellum that answers zeros (what its arithmetic costs)",
+        "with its cerebellum lesioned (the slowest chunk's own pace), once "
+        "with a cerebellum that answers zeros (what its arithmetic costs) and "
+        "once as measured (the CPU of every actor's threads)",
     )
     parser.add_argument(
         "--quick",
