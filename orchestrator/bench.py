@@ -42,6 +42,7 @@ import os
 import platform
 import queue
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -125,6 +126,10 @@ class BenchConfig:
         gpus: one GPU per actor (``None``: when the cluster has enough).
         fresh: start every contender anew for each repeat instead of keeping all
             of them alive (needed where the cluster cannot hold them at once).
+        park: stop the processes of every contender but the one taking its
+            turn (``SIGSTOP``, ``SIGCONT`` for its turn), so that contenders
+            waiting for their turn take no CPU from the one measured; only
+            where :func:`parks` says it can.
         metrics: serve Prometheus ``/metrics`` from the actors, as a training run
             does (the bench itself reads nothing from it).
         timeline_seconds: seconds of the representative timelines to draw.
@@ -176,6 +181,7 @@ class BenchConfig:
     ray_address: str | None = None
     gpus: bool | None = None
     fresh: bool = False
+    park: bool = True
     metrics: bool = True
     timeline_seconds: float | None = None
     profile: bool = False
@@ -824,6 +830,47 @@ def launch_all(contenders: Sequence[Contender], warmup: int) -> None:
         logger.info("%s: started and warmed up (%d steps)", contender.name, warmup)
 
 
+def parks(bench: BenchConfig, placement: Placement) -> bool:
+    """Whether contenders waiting for their turn are stopped (``--park``).
+
+    Only processes on this machine can be, so only in a cluster the bench
+    started itself; and only on CPUs, where they compete for the cores the
+    measured contender uses (a stopped process would also stop the watchdogs
+    of its GPU's collectives).
+    """
+    return (
+        bench.park
+        and bench.ray_address is None
+        and not placement.gpus
+        and not placement.fresh
+    )
+
+
+def park(contenders: Sequence[Contender]) -> None:
+    """Stop every process of ``contenders`` (``SIGSTOP``) until :func:`unpark`.
+
+    A contender waiting for its turn is otherwise not idle: every Ray worker's
+    main thread wakes a hundred times a second, gRPC and gloo poll, and on a
+    machine with as many cores as the measured contender keeps busy each wake
+    is taken from it. Stopped, the waiting ones take no CPU at all.
+    """
+    _signal(contenders, signal.SIGSTOP)
+
+
+def unpark(contenders: Sequence[Contender]) -> None:
+    """Let the processes :func:`park` stopped run again (``SIGCONT``)."""
+    _signal(contenders, signal.SIGCONT)
+
+
+def _signal(contenders: Sequence[Contender], number: int) -> None:
+    for contender in contenders:
+        for pid in contender.pids().values():
+            try:
+                os.kill(pid, number)
+            except ProcessLookupError:  # gone: its next call says so
+                pass
+
+
 def shutdown_all(contenders: Sequence[Contender]) -> None:
     for contender in contenders:
         try:
@@ -884,10 +931,14 @@ def run_interleaved(
     contenders = build_contenders(
         dataclasses.replace(bench, schedules=tuple(order)), task, scratch, placement
     )
+    parking = placement.parked and len(contenders) > 1
     try:
         launch_all(contenders, bench.warmup)
         for repeat in range(bench.repeats):
             for contender in contenders:
+                if parking:
+                    park([c for c in contenders if c is not contender])
+                    unpark([contender])
                 run = run_once(
                     contender,
                     bench,
@@ -899,6 +950,8 @@ def run_interleaved(
                 runs[contender.name].append(run)
                 _log_run(contender.name, bench.chunks, repeat, run)
     finally:
+        if parking:
+            unpark(contenders)  # a stopped process cannot shut down
         shutdown_all(contenders)
     return runs
 
@@ -936,11 +989,14 @@ class Placement:
         fresh: one contender alive at a time (the cluster cannot hold them all).
         cpus_per_actor: Ray's CPU reservation per actor, shrunk so that every
             live actor fits (bookkeeping only: it pins and limits nothing).
+        parked: the processes of contenders waiting for their turn are
+            stopped (:func:`parks`).
     """
 
     gpus: bool
     fresh: bool
     cpus_per_actor: float
+    parked: bool = False
 
 
 def prepare_ray(bench: BenchConfig) -> None:
@@ -1010,7 +1066,8 @@ def plan(bench: BenchConfig) -> Placement:
     cpus_per_actor = bench.cpus_per_actor
     if cpus:
         cpus_per_actor = min(cpus_per_actor, math.floor(100 * cpus / alive) / 100)
-    return Placement(use_gpus, fresh, cpus_per_actor)
+    placement = Placement(use_gpus, fresh, cpus_per_actor)
+    return dataclasses.replace(placement, parked=parks(bench, placement))
 
 
 # Summaries -------------------------------------------------------------------------
@@ -1615,6 +1672,9 @@ def describe_setup(result: dict[str, Any]) -> str:
             + (
                 "each contender started anew for every run"
                 if placement["fresh"]
+                else "every contender alive throughout, its processes stopped "
+                "(SIGSTOP) but for its turns (`--park`)"
+                if placement.get("parked")
                 else "every contender alive throughout, idle but for its turns"
             ),
             f"- load average (1, 5, 15 min) before: {load['before']}, after: "
@@ -3010,6 +3070,15 @@ def add_bench_parser(commands) -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="start each contender anew for every run instead of keeping all alive",
+    )
+    parser.add_argument(
+        "--park",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="stop the processes of the contenders waiting for their turn "
+        "(SIGSTOP, SIGCONT for their turn) so they take no CPU from the one "
+        "measured (default on; a cluster joined with --ray-address is never "
+        "parked)",
     )
     parser.add_argument(
         "--metrics",

@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -66,6 +71,9 @@ def test_quick_bench_runs_every_schedule_and_writes_a_valid_bench_json(tmp_path)
     assert "cerebellum" in records["decoupled"]["actors"]
     assert not records["locked"]["uses_cerebellum"]
     assert records["locked"]["speedup"] == pytest.approx(1.0)
+    # Waiting contenders were stopped, here on CPUs in a cluster of this machine.
+    for placement in result["placement"].values():
+        assert placement["parked"] == (not placement["gpus"] and not placement["fresh"])
 
     # Every contender starts from the same weights and sees the same batches;
     # those doing the same arithmetic stay together after training.
@@ -654,6 +662,110 @@ def test_a_given_target_keeps_the_turn_order_and_every_contender_chases_it(
     assert bench.steps_to_target(runs["locked"][0].curve, 1.0) == 6
     assert bench.steps_to_target(runs["decoupled"][0].curve, 1.0) == 10
     assert runs["decoupled"][0].steps == runs["locked"][0].steps == 4
+
+
+def _process_state(pid: int) -> str:
+    """The kernel's one-letter state of ``pid`` (``T``: stopped)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2]
+
+
+def _state_becomes(pid: int, wanted: bool, seconds: float = 10.0) -> bool:
+    """Whether ``pid`` is (``wanted``) or is not stopped within ``seconds``:
+    SIGSTOP takes effect when the process next runs, not when it is sent."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if (_process_state(pid) == "T") == wanted:
+            return True
+        time.sleep(0.001)  # a poll interval, not a stand-in for the state
+    return False
+
+
+class ProcessContender(ScriptedContender):
+    """A scripted contender with a real process of its own, which records at
+    every train call whether its own and every other contender's process is
+    stopped."""
+
+    def __init__(self, name: str, everyone: list, parked: bool) -> None:
+        super().__init__(name, RATES[name], 0.1, [])
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", "input()"], stdin=subprocess.PIPE
+        )
+        self.everyone, self.parked = everyone, parked
+        self.seen: list[tuple[bool, bool]] = []  # (own stopped, others stopped)
+        self.stopped_at_shutdown: bool | None = None
+        everyone.append(self)
+
+    def train(self, start, stop):
+        # SIGCONT takes effect as it is sent; a stop, when the process next runs.
+        own = _process_state(self.process.pid) == "T"
+        others = [c.process.pid for c in self.everyone if c is not self]
+        if self.parked:
+            stopped = all(_state_becomes(pid, wanted=True) for pid in others)
+        else:
+            stopped = any(_process_state(pid) == "T" for pid in others)
+        self.seen.append((own, stopped))
+        return super().train(start, stop)
+
+    def pids(self):
+        return {"chunk-0": self.process.pid}
+
+    def shutdown(self) -> None:
+        if self.process.poll() is None:
+            self.stopped_at_shutdown = _process_state(self.process.pid) == "T"
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+@pytest.mark.parametrize("parked", [True, False])
+def test_contenders_waiting_for_their_turn_are_stopped(monkeypatch, parked):
+    config = bench.BenchConfig(
+        schedules=("locked", "decoupled"),
+        steps=4,
+        eval_every=2,
+        repeats=2,
+        warmup=0,
+        target_steps=4,  # no chase
+    )
+    everyone: list = []
+    monkeypatch.setattr(
+        bench,
+        "build_contenders",
+        lambda c, *_: [ProcessContender(n, everyone, parked) for n in c.schedules],
+    )
+    placement = bench.Placement(
+        gpus=False, fresh=False, cpus_per_actor=0.5, parked=parked
+    )
+    task = load_task("patterns", n_train=200)
+    try:
+        bench.run_interleaved(config, task, None, placement)
+        assert len(everyone) == 2
+        for contender in everyone:
+            assert contender.seen == [(False, parked)] * 4  # 2 runs of 2 segments
+            # A stopped process could not shut down: everyone runs again first.
+            assert contender.stopped_at_shutdown is False
+    finally:
+        for contender in everyone:
+            if contender.process.poll() is None:
+                os.kill(contender.process.pid, signal.SIGCONT)
+            contender.shutdown()
+
+
+@pytest.mark.parametrize(
+    "changes, gpus, fresh, parked",
+    [
+        ({}, False, False, True),
+        ({"park": False}, False, False, False),
+        ({"ray_address": "10.0.0.1:6379"}, False, False, False),  # not all here
+        ({}, True, False, False),  # GPUs: their watchdogs would stop too
+        ({}, False, True, False),  # nobody waits
+    ],
+)
+def test_only_local_cpu_contenders_are_parked(changes, gpus, fresh, parked):
+    config = bench.BenchConfig(**changes)
+    placement = bench.Placement(gpus=gpus, fresh=fresh, cpus_per_actor=0.5)
+    assert bench.parks(config, placement) is parked
 
 
 def test_the_fresh_placement_chases_the_target_as_the_shared_one_does(monkeypatch):
