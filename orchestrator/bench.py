@@ -834,7 +834,8 @@ def parks(bench: BenchConfig, placement: Placement) -> bool:
     """Whether contenders waiting for their turn are stopped (``--park``).
 
     Only processes on this machine can be, so only in a cluster the bench
-    started itself; and only on CPUs, where they compete for the cores the
+    started itself, and of those only the ones this process started (see
+    :func:`_signal`); and only on CPUs, where they compete for the cores the
     measured contender uses (a stopped process would also stop the watchdogs
     of its GPU's collectives).
     """
@@ -862,13 +863,47 @@ def unpark(contenders: Sequence[Contender]) -> None:
     _signal(contenders, signal.SIGCONT)
 
 
+_NOT_OURS: set[int] = set()
+"""Pids :func:`_signal` has warned about."""
+
+
 def _signal(contenders: Sequence[Contender], number: int) -> None:
+    """Send ``number`` to the processes of ``contenders`` that this process
+    started (Ray's workers through the raylet it started, the PyTorch stages
+    directly); any other pid is left alone, whatever it is."""
     for contender in contenders:
-        for pid in contender.pids().values():
+        for name, pid in contender.pids().items():
+            if not _descends_from_us(pid):
+                if pid not in _NOT_OURS:
+                    _NOT_OURS.add(pid)
+                    logger.warning(
+                        "%s/%s: pid %d was not started by this process, so it "
+                        "is never stopped between turns (--park)",
+                        contender.name,
+                        name,
+                        pid,
+                    )
+                continue
             try:
                 os.kill(pid, number)
             except ProcessLookupError:  # gone: its next call says so
                 pass
+
+
+def _descends_from_us(pid: int) -> bool:
+    """Whether ``pid`` is a descendant of this process (from ``/proc``)."""
+    me = os.getpid()
+    seen = set()
+    while pid > 1 and pid not in seen:
+        seen.add(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        pid = int(stat[stat.rindex(")") + 2 :].split()[1])  # the parent
+        if pid == me:
+            return True
+    return False
 
 
 def shutdown_all(contenders: Sequence[Contender]) -> None:

@@ -752,6 +752,41 @@ def test_contenders_waiting_for_their_turn_are_stopped(monkeypatch, parked):
             contender.shutdown()
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_parking_stops_only_processes_this_one_started(caplog):
+    # A process that is not ours: started by a shell that exits at once, so
+    # that it is handed to init (or a subreaper), not to this process.
+    shell = subprocess.run(
+        ["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    foreign = int(shell.stdout)
+    child = subprocess.Popen([sys.executable, "-c", "input()"], stdin=subprocess.PIPE)
+
+    class Pids:
+        name = "scripted"
+
+        def pids(self):
+            return {"foreign": foreign, "child": child.pid}
+
+    try:
+        assert not bench._descends_from_us(foreign)
+        assert bench._descends_from_us(child.pid)
+        bench.park([Pids()])  # the foreign pid comes first
+        assert _state_becomes(child.pid, wanted=True)
+        assert _process_state(foreign) != "T"
+        assert "was not started by this process" in caplog.text
+        bench.unpark([Pids()])
+        assert _process_state(child.pid) != "T"
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+        child.kill()
+        child.wait()
+        os.kill(foreign, signal.SIGKILL)
+
+
 @pytest.mark.parametrize(
     "changes, gpus, fresh, parked",
     [
