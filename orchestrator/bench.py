@@ -835,7 +835,7 @@ def parks(bench: BenchConfig, placement: Placement) -> bool:
 
     Only processes on this machine can be, so only in a cluster the bench
     started itself, and of those only the ones this process started (see
-    :func:`_signal`); and only on CPUs, where they compete for the cores the
+    :func:`park`); and only on CPUs, where they compete for the cores the
     measured contender uses (a stopped process would also stop the watchdogs
     of its GPU's collectives).
     """
@@ -844,6 +844,7 @@ def parks(bench: BenchConfig, placement: Placement) -> bool:
         and bench.ray_address is None
         and not placement.gpus
         and not placement.fresh
+        and os.path.isdir("/proc/self")  # to tell our processes from others
     )
 
 
@@ -853,24 +854,11 @@ def park(contenders: Sequence[Contender]) -> None:
     A contender waiting for its turn is otherwise not idle: every Ray worker's
     main thread wakes a hundred times a second, gRPC and gloo poll, and on a
     machine with as many cores as the measured contender keeps busy each wake
-    is taken from it. Stopped, the waiting ones take no CPU at all.
+    is taken from it. Stopped, the waiting ones take no CPU at all. Only
+    processes this one started are stopped (Ray's workers through the raylet
+    it started, the PyTorch stages directly); any other pid is left alone,
+    whatever it is.
     """
-    _signal(contenders, signal.SIGSTOP)
-
-
-def unpark(contenders: Sequence[Contender]) -> None:
-    """Let the processes :func:`park` stopped run again (``SIGCONT``)."""
-    _signal(contenders, signal.SIGCONT)
-
-
-_NOT_OURS: set[int] = set()
-"""Pids :func:`_signal` has warned about."""
-
-
-def _signal(contenders: Sequence[Contender], number: int) -> None:
-    """Send ``number`` to the processes of ``contenders`` that this process
-    started (Ray's workers through the raylet it started, the PyTorch stages
-    directly); any other pid is left alone, whatever it is."""
     for contender in contenders:
         for name, pid in contender.pids().items():
             if not _descends_from_us(pid):
@@ -885,9 +873,30 @@ def _signal(contenders: Sequence[Contender], number: int) -> None:
                     )
                 continue
             try:
-                os.kill(pid, number)
+                os.kill(pid, signal.SIGSTOP)
             except ProcessLookupError:  # gone: its next call says so
-                pass
+                continue
+            _STOPPED.add(pid)
+
+
+def unpark(contenders: Sequence[Contender]) -> None:
+    """Let the processes :func:`park` stopped run again (``SIGCONT``): every one
+    it stopped, even one that is no longer a child of ours (its raylet gone)."""
+    for contender in contenders:
+        for pid in contender.pids().values():
+            if pid in _STOPPED:
+                _STOPPED.discard(pid)
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+
+
+_STOPPED: set[int] = set()
+"""Pids :func:`park` stopped that :func:`unpark` has not let run again."""
+
+_NOT_OURS: set[int] = set()
+"""Pids :func:`park` has warned about."""
 
 
 def _descends_from_us(pid: int) -> bool:
@@ -985,9 +994,15 @@ def run_interleaved(
                 runs[contender.name].append(run)
                 _log_run(contender.name, bench.chunks, repeat, run)
     finally:
+        failed = None
         if parking:
-            unpark(contenders)  # a stopped process cannot shut down
+            try:
+                unpark(contenders)  # a stopped process cannot shut down
+            except BaseException as error:  # shut them down regardless, then say
+                failed = error
         shutdown_all(contenders)
+        if failed is not None:
+            raise failed
     return runs
 
 
@@ -3112,8 +3127,8 @@ def add_bench_parser(commands) -> argparse.ArgumentParser:
         default=None,
         help="stop the processes of the contenders waiting for their turn "
         "(SIGSTOP, SIGCONT for their turn) so they take no CPU from the one "
-        "measured (default on; a cluster joined with --ray-address is never "
-        "parked)",
+        "measured (default on; only processes the bench started, on CPUs, "
+        "without --fresh or --ray-address)",
     )
     parser.add_argument(
         "--metrics",

@@ -33,7 +33,9 @@ EXACT = ("locked", "pipelined", "torch-gpipe", "torch-1f1b")
 
 
 @pytest.mark.usefixtures("ray_cluster")
-def test_quick_bench_runs_every_schedule_and_writes_a_valid_bench_json(tmp_path):
+def test_quick_bench_runs_every_schedule_and_writes_a_valid_bench_json(
+    tmp_path, caplog
+):
     from orchestrator.cli import main
 
     out = tmp_path / "bench"
@@ -74,6 +76,7 @@ def test_quick_bench_runs_every_schedule_and_writes_a_valid_bench_json(tmp_path)
     # Waiting contenders were stopped, here on CPUs in a cluster of this machine.
     for placement in result["placement"].values():
         assert placement["parked"] == (not placement["gpus"] and not placement["fresh"])
+    assert "was not started by this process" not in caplog.text  # all were ours
 
     # Every contender starts from the same weights and sees the same batches;
     # those doing the same arithmetic stay together after training.
@@ -753,7 +756,8 @@ def test_contenders_waiting_for_their_turn_are_stopped(monkeypatch, parked):
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
-def test_parking_stops_only_processes_this_one_started(caplog):
+def test_parking_stops_only_processes_this_one_started(caplog, monkeypatch):
+    monkeypatch.setattr(bench, "_NOT_OURS", set())  # warned about afresh
     # A process that is not ours: started by a shell that exits at once, so
     # that it is handed to init (or a subreaper), not to this process.
     shell = subprocess.run(
@@ -785,6 +789,29 @@ def test_parking_stops_only_processes_this_one_started(caplog):
         child.kill()
         child.wait()
         os.kill(foreign, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_what_was_parked_runs_again_even_once_no_longer_a_child(monkeypatch):
+    child = subprocess.Popen([sys.executable, "-c", "input()"], stdin=subprocess.PIPE)
+
+    class Pids:
+        name = "scripted"
+
+        def pids(self):
+            return {"chunk-0": child.pid}
+
+    try:
+        bench.park([Pids()])
+        assert _state_becomes(child.pid, wanted=True)
+        # Its parent gone (a raylet that died), it is no child of ours now.
+        monkeypatch.setattr(bench, "_descends_from_us", lambda pid: False)
+        bench.unpark([Pids()])
+        assert _process_state(child.pid) != "T"
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+        child.kill()
+        child.wait()
 
 
 @pytest.mark.parametrize(
