@@ -553,10 +553,17 @@ def _proc_cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def _stat_fields(stat: str) -> list[str]:
+    """The fields of a ``/proc`` ``stat`` line after the name (which may hold
+    spaces and parentheses): ``[0]`` the state, ``[1]`` the parent's pid,
+    ``[11]`` and ``[12]`` user and system CPU in clock ticks."""
+    return stat.rsplit(")", 1)[1].split()
+
+
 def _stat_cpu_seconds(stat: str) -> float:
     """User plus system CPU seconds of a ``/proc`` ``stat`` line (process or
     thread), in clock ticks of 10 ms."""
-    fields = stat.rsplit(")", 1)[1].split()
+    fields = _stat_fields(stat)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -909,7 +916,7 @@ def _descends_from_us(pid: int) -> bool:
             stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             return False
-        pid = int(stat[stat.rindex(")") + 2 :].split()[1])  # the parent
+        pid = int(_stat_fields(stat)[1])  # the parent
         if pid == me:
             return True
     return False

@@ -669,8 +669,24 @@ def test_a_given_target_keeps_the_turn_order_and_every_contender_chases_it(
 
 def _process_state(pid: int) -> str:
     """The kernel's one-letter state of ``pid`` (``T``: stopped)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat[stat.rindex(")") + 2]
+    return bench._stat_fields(Path(f"/proc/{pid}/stat").read_text())[0]
+
+
+def _waiting_child() -> subprocess.Popen:
+    """A child process that waits on its standard input until killed."""
+    return subprocess.Popen([sys.executable, "-c", "input()"], stdin=subprocess.PIPE)
+
+
+class Pids:
+    """Just enough of a contender for park() and unpark(): its pids."""
+
+    name = "scripted"
+
+    def __init__(self, **pids: int) -> None:
+        self._pids = pids
+
+    def pids(self) -> dict[str, int]:
+        return dict(self._pids)
 
 
 def _state_becomes(pid: int, wanted: bool, seconds: float = 10.0) -> bool:
@@ -691,9 +707,7 @@ class ProcessContender(ScriptedContender):
 
     def __init__(self, name: str, everyone: list, parked: bool) -> None:
         super().__init__(name, RATES[name], 0.1, [])
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", "input()"], stdin=subprocess.PIPE
-        )
+        self.process = _waiting_child()
         self.everyone, self.parked = everyone, parked
         self.seen: list[tuple[bool, bool]] = []  # (own stopped, others stopped)
         self.stopped_at_shutdown: bool | None = None
@@ -767,22 +781,16 @@ def test_parking_stops_only_processes_this_one_started(caplog, monkeypatch):
         check=True,
     )
     foreign = int(shell.stdout)
-    child = subprocess.Popen([sys.executable, "-c", "input()"], stdin=subprocess.PIPE)
-
-    class Pids:
-        name = "scripted"
-
-        def pids(self):
-            return {"foreign": foreign, "child": child.pid}
-
+    child = _waiting_child()
+    contender = Pids(foreign=foreign, child=child.pid)  # the foreign pid first
     try:
         assert not bench._descends_from_us(foreign)
         assert bench._descends_from_us(child.pid)
-        bench.park([Pids()])  # the foreign pid comes first
+        bench.park([contender])
         assert _state_becomes(child.pid, wanted=True)
         assert _process_state(foreign) != "T"
         assert "was not started by this process" in caplog.text
-        bench.unpark([Pids()])
+        bench.unpark([contender])
         assert _process_state(child.pid) != "T"
     finally:
         os.kill(child.pid, signal.SIGCONT)
@@ -793,20 +801,14 @@ def test_parking_stops_only_processes_this_one_started(caplog, monkeypatch):
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
 def test_what_was_parked_runs_again_even_once_no_longer_a_child(monkeypatch):
-    child = subprocess.Popen([sys.executable, "-c", "input()"], stdin=subprocess.PIPE)
-
-    class Pids:
-        name = "scripted"
-
-        def pids(self):
-            return {"chunk-0": child.pid}
-
+    child = _waiting_child()
+    contender = Pids(**{"chunk-0": child.pid})
     try:
-        bench.park([Pids()])
+        bench.park([contender])
         assert _state_becomes(child.pid, wanted=True)
         # Its parent gone (a raylet that died), it is no child of ours now.
         monkeypatch.setattr(bench, "_descends_from_us", lambda pid: False)
-        bench.unpark([Pids()])
+        bench.unpark([contender])
         assert _process_state(child.pid) != "T"
     finally:
         os.kill(child.pid, signal.SIGCONT)
