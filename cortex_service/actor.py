@@ -282,12 +282,17 @@ class ChunkActor:
         if self.runtime is not None and hasattr(self.runtime.cerebellum, "close"):
             self.runtime.cerebellum.close()
         interceptors = self._client_interceptors()
-        below_peer = (
-            GrpcNeighbour(below, security, interceptors=interceptors) if below else None
-        )
-        above_peer = (
-            GrpcNeighbour(above, security, interceptors=interceptors) if above else None
-        )
+        # Messages on the long-lived streams are timed as calls are.
+        timer = next((i.record for i in interceptors if hasattr(i, "record")), None)
+
+        def neighbour(address: str | None) -> GrpcNeighbour | None:
+            if not address:
+                return None
+            return GrpcNeighbour(
+                address, security, interceptors=interceptors, timer=timer
+            )
+
+        below_peer, above_peer = neighbour(below), neighbour(above)
         self.runtime = ChunkRuntime(
             self.config.spec,
             self.learner,
@@ -328,7 +333,7 @@ class ChunkActor:
             return
         for peer in (self.runtime.below, self.runtime.above):
             if peer is not None:
-                peer.channel.close()
+                peer.abort()
 
     # Running -----------------------------------------------------------------------
 

@@ -12,10 +12,11 @@ schedule's business (``cortex_service.runtime``).
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent import futures
 
 import grpc
 import msgpack
@@ -214,30 +215,69 @@ class CortexServicer(pb_grpc.CortexServicer):
             self._feedback_order,
         )
 
+    def StreamActivity(self, request_iterator, context):  # noqa: N802
+        return self._acked(
+            request_iterator,
+            context,
+            "activity",
+            self._check_activity,
+            self.activity_in,
+            self._activity_order,
+        )
+
+    def StreamFeedback(self, request_iterator, context):  # noqa: N802
+        return self._acked(
+            request_iterator,
+            context,
+            "feedback",
+            self._check_feedback,
+            self.feedback_in,
+            self._feedback_order,
+        )
+
     def _push(self, request_iterator, context, stream, check, mailbox, order):
-        """Check each whole message of a stream, then deposit it in ``mailbox``.
+        """Deposit every whole message of a client stream; one Ack at its end.
 
         The CPU this handler's thread spends on it (decoding, checking,
         depositing; not gRPC's own transport threads) adds up in the
         ``receive.cpu_seconds`` counter: what receiving costs this process.
         """
-        began = time.thread_time()
-        try:
-            return self._receive(
-                request_iterator, context, stream, check, mailbox, order
-            )
-        finally:
-            self.counters.add("receive.cpu_seconds", time.thread_time() - began)
+        accepted = 0
+        received = self._receive(
+            request_iterator, context, stream, check, mailbox, order
+        )
+        for _ in received:
+            accepted += 1
+        return pb.Ack(accepted=accepted)
+
+    def _acked(self, request_iterator, context, stream, check, mailbox, order):
+        """Deposit every whole message of a long-lived stream, acking each."""
+        accepted = 0
+        received = self._receive(
+            request_iterator, context, stream, check, mailbox, order
+        )
+        for _ in received:
+            accepted += 1
+            yield pb.Ack(accepted=accepted)
 
     def _receive(self, request_iterator, context, stream, check, mailbox, order):
-        accepted = 0
+        """Check each whole message, deposit it in ``mailbox``, yield after each.
+
+        A refused message aborts the call with its status. The handler's own CPU
+        is counted message by message, so a long-lived stream's shows in Stats
+        while it is open.
+        """
+        began = time.thread_time()
         try:
             for frame, tensors in codec.decode_frames(request_iterator, stream):
                 key, tensor = check(frame, tensors)
                 self._deposit(mailbox, order, key, tensor)
                 self.counters.add(f"{stream}.accepted")
                 self.counters.add("bytes.received", tensor.numel() * 4)
-                accepted += 1
+                now = time.thread_time()
+                self.counters.add("receive.cpu_seconds", now - began)
+                began = now
+                yield key
         except RequestError as error:
             reject_error(context, error, self.counters)
         except codec.CodecError as error:
@@ -248,7 +288,8 @@ class CortexServicer(pb_grpc.CortexServicer):
                 self.counters,
                 "codec",
             )
-        return pb.Ack(accepted=accepted)
+        finally:
+            self.counters.add("receive.cpu_seconds", time.thread_time() - began)
 
     def _check_activity(self, frame: pb.ActivityFrame, tensors: dict):
         if frame.WhichOneof("body") != "activity":
@@ -481,19 +522,135 @@ def _check_key(key: pb.ActivityKey, what: str) -> None:
             )
 
 
+class StreamFailed(grpc.RpcError):
+    """A send on a neighbour's stream that no status of the server explains: it
+    was not acked within its deadline, or the stream ended before acking it."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+class _AckedStream:
+    """One StreamActivity or StreamFeedback call: whole messages go out in
+    order; a reader thread counts the server's acks and times each message."""
+
+    def __init__(
+        self,
+        method: grpc.StreamStreamMultiCallable,
+        name: str,
+        timer: Callable[[float], None] | None,
+    ) -> None:
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._acked = threading.Condition()
+        self._sent_at: deque[float] = deque()
+        self._timer = timer
+        self.sent = 0
+        self.accepted = 0
+        self.ended = False
+        self.error: grpc.RpcError | None = None  # None once ended: ended OK
+        self._call = method(iter(self._outbox.get, None))
+        self._reader = threading.Thread(target=self._read, name=name, daemon=True)
+        self._reader.start()
+
+    def send(self, frames: Sequence) -> None:
+        with self._acked:
+            self._sent_at.append(time.perf_counter())
+            self.sent += 1
+        for frame in frames:
+            self._outbox.put(frame)
+
+    def wait(self, count: int, deadline_s: float) -> None:
+        """Until the first ``count`` messages are acked; raise why not."""
+        with self._acked:
+            if self.accepted >= count:
+                return
+            waited = time.perf_counter() - self._sent_at[0]
+            self._acked.wait_for(
+                lambda: self.accepted >= count or self.ended,
+                timeout=max(0.0, deadline_s - waited),
+            )
+            if self.accepted >= count:
+                return
+            if self.error is not None:
+                raise self.error
+            ended = self.ended
+        if ended:
+            raise StreamFailed(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the stream ended after {self.accepted} of {count} messages were "
+                "acked",
+            )
+        self.cancel()
+        raise StreamFailed(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"message {count} was not acked within {deadline_s} s (the receiving "
+            "chunk is stalled or its mailbox stayed full)",
+        )
+
+    def _read(self) -> None:
+        error: grpc.RpcError | None = None
+        try:
+            for ack in self._call:
+                with self._acked:
+                    now = time.perf_counter()
+                    while self.accepted < ack.accepted and self._sent_at:
+                        sent_at = self._sent_at.popleft()
+                        self.accepted += 1
+                        if self._timer is not None:
+                            self._timer(now - sent_at)
+                    self._acked.notify_all()
+        except grpc.RpcError as failure:
+            error = failure
+        with self._acked:
+            self.ended = True
+            self.error = error
+            self._acked.notify_all()
+
+    def close(self) -> None:
+        """End the stream from this side; what is acked stays accepted."""
+        self._outbox.put(None)
+        self._reader.join(timeout=5)
+        if self._reader.is_alive():
+            self.cancel()
+
+    def cancel(self) -> None:
+        self._outbox.put(None)
+        self._call.cancel()
+
+
 class GrpcNeighbour:
     """A neighbouring chunk behind gRPC (the ``Neighbour`` of the runtime).
 
-    Each send is one short client stream carrying one message (split in parts if
-    it is large). It returns once the previous send has been accepted, so at most
-    one send is in flight from here and a full mailbox there stalls this chunk.
+    Activity and feedback each travel on one long-lived stream
+    (``StreamActivity``, ``StreamFeedback``) that acks every message once it is
+    in the neighbour's mailbox. A send returns once the previous one has been
+    acked, so at most one message is in flight from here and a full mailbox
+    there stalls this chunk. A long-lived stream costs about half the CPU per
+    message of a short call per message (``scripts/grpc_patterns.py``), which
+    also starts two threads each time.
+
+    A send that fails (the neighbour refused the message, went away, or did not
+    ack it within ``deadline_s``) raises ``grpc.RpcError`` at the next send or
+    :meth:`flush`; the message is lost and the stream dropped, and the send
+    after opens a new one.
 
     Args:
         address: ``host:port`` of the neighbour's cortex service.
         security: token and TLS settings.
-        deadline_s: deadline of each send (the wait for mailbox room included).
+        deadline_s: how long a message may wait for its ack (the wait for
+            mailbox room included).
         max_message_bytes: both ends' message limit.
         interceptors: client interceptors (the actor's latency metrics).
+        timer: called with ``(method, seconds)`` for each message, from its
+            sending to its ack, as the interceptors time a call.
     """
 
     def __init__(
@@ -503,15 +660,18 @@ class GrpcNeighbour:
         deadline_s: float = 120.0,
         max_message_bytes: int = codec.MAX_MESSAGE_BYTES,
         interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (),
+        timer: Callable[[str, float], None] | None = None,
     ) -> None:
         self.address = address
         self.deadline_s = deadline_s
         self.max_message_bytes = max_message_bytes
+        self.timer = timer
         self.channel = open_channel(address, security, max_message_bytes)
         if interceptors:
             self.channel = grpc.intercept_channel(self.channel, *interceptors)
         self.stub = pb_grpc.CortexStub(self.channel)
-        self._pending: futures.Future | None = None
+        self._streams: dict[str, _AckedStream] = {}
+        self.streams_opened = 0
         self.bytes_sent = 0
 
     def send_activity(self, key: ActivityKey, outputs: torch.Tensor) -> None:
@@ -520,7 +680,7 @@ class GrpcNeighbour:
         frames = codec.split_frames(
             frame, {"activity.outputs": outputs}, max_bytes=self.max_message_bytes
         )
-        self._send(self.stub.PushActivity, frames, outputs)
+        self._send("StreamActivity", frames, outputs)
 
     def send_feedback(self, key: ActivityKey, feedback: torch.Tensor) -> None:
         frame = pb.FeedbackFrame()
@@ -530,26 +690,61 @@ class GrpcNeighbour:
         frames = codec.split_frames(
             frame, {"feedback.tensors[0]": feedback}, max_bytes=self.max_message_bytes
         )
-        self._send(self.stub.PushFeedback, frames, feedback)
+        self._send("StreamFeedback", frames, feedback)
 
-    def _send(self, method, frames, tensor: torch.Tensor) -> None:
-        self.flush()
-        frames = list(frames)
-        self._pending = method.future(iter(frames), timeout=self.deadline_s)
+    def _send(self, method: str, frames, tensor: torch.Tensor) -> None:
+        frames = list(frames)  # encode before waiting: it overlaps the ack
+        stream = self._streams.get(method)
+        if stream is not None:
+            self._settle(method, stream, stream.sent)
+        stream = self._streams.get(method) or self._open(method)
+        stream.send(frames)
         self.bytes_sent += tensor.numel() * tensor.element_size()
 
+    def _open(self, method: str) -> _AckedStream:
+        timer = None
+        if self.timer is not None:
+            record = self.timer
+
+            def timer(seconds: float) -> None:
+                record(method, seconds)
+
+        stream = _AckedStream(getattr(self.stub, method), f"{method}-acks", timer)
+        self._streams[method] = stream
+        self.streams_opened += 1
+        return stream
+
+    def _settle(self, method: str, stream: _AckedStream, count: int) -> None:
+        """Wait for ``count`` acks on ``stream``; drop it and raise on failure."""
+        try:
+            stream.wait(count, self.deadline_s)
+        except grpc.RpcError:
+            del self._streams[method]
+            stream.cancel()
+            raise
+
     def flush(self) -> None:
-        """Wait for the send in flight to be accepted; raise its error."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
+        """Wait until every message sent has been acked; raise the first error."""
+        for method, stream in list(self._streams.items()):
+            self._settle(method, stream, stream.sent)
 
     def stats(self) -> dict[str, float]:
         reply = call(self.stub.Stats, pb.StatsRequest())
         return dict(reply.counters)
 
+    def abort(self) -> None:
+        """Drop the streams without waiting for acks, and close the channel."""
+        streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:
+            stream.cancel()
+        self.channel.close()
+
     def close(self) -> None:
+        """Wait for the acks of what was sent, end the streams, close the channel."""
         try:
             self.flush()
+            for stream in self._streams.values():
+                stream.close()
+            self._streams = {}
         finally:
-            self.channel.close()
+            self.abort()

@@ -2649,8 +2649,7 @@ def measure_send_latency(
             elif index >= 10:
                 sends.append(sent - began)
                 time.sleep(0.02)  # the chunk computing before its next send
-        peer.flush()
-        peer.channel.close()
+        peer.close()
     finally:
         server.kill()
         server.join(timeout=10)

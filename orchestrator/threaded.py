@@ -168,7 +168,7 @@ def run_threaded(
     for runtime in runtimes:
         for peer in (runtime.above, runtime.below):
             if isinstance(peer, GrpcNeighbour):
-                peer.flush()
+                peer.close()
     for server in servers:
         server.stop(grace=1.0)
     if errors:

@@ -26,11 +26,17 @@ if _version_not_supported:
 
 
 class CortexStub:
-    """A cortical chunk. The chunk below streams its activity into PushActivity; the
-    chunk above streams observed feedback into PushFeedback. A stream may stay open
-    for many windows: a receiver that stops reading stalls the sender through HTTP/2
-    flow control, which bounds the work in flight. Each call returns one Ack when
-    the sender closes its side.
+    """A cortical chunk. The chunk below streams its activity into it; the chunk
+    above streams observed feedback into it. Two forms of each:
+    - PushActivity / PushFeedback: one Ack when the sender closes its side. A
+    stream may stay open for many windows: a receiver that stops reading stalls
+    the sender through HTTP/2 flow control, which bounds the work in flight.
+    - StreamActivity / StreamFeedback: a long-lived stream with one Ack per whole
+    message, sent once that message is in the chunk's mailbox (`accepted`
+    counts the stream's messages so far), so a sender can bound the messages in
+    flight exactly and learns each one's fate. A message the receiver refuses
+    ends the stream with the status a Push call would get; the messages acked
+    before it stay accepted.
     """
 
     def __init__(self, channel):
@@ -46,6 +52,16 @@ class CortexStub:
                 _registered_method=True)
         self.PushFeedback = channel.stream_unary(
                 '/ccdni.v1.Cortex/PushFeedback',
+                request_serializer=protos_dot_ccdni__pb2.FeedbackFrame.SerializeToString,
+                response_deserializer=protos_dot_ccdni__pb2.Ack.FromString,
+                _registered_method=True)
+        self.StreamActivity = channel.stream_stream(
+                '/ccdni.v1.Cortex/StreamActivity',
+                request_serializer=protos_dot_ccdni__pb2.ActivityFrame.SerializeToString,
+                response_deserializer=protos_dot_ccdni__pb2.Ack.FromString,
+                _registered_method=True)
+        self.StreamFeedback = channel.stream_stream(
+                '/ccdni.v1.Cortex/StreamFeedback',
                 request_serializer=protos_dot_ccdni__pb2.FeedbackFrame.SerializeToString,
                 response_deserializer=protos_dot_ccdni__pb2.Ack.FromString,
                 _registered_method=True)
@@ -72,11 +88,17 @@ class CortexStub:
 
 
 class CortexServicer:
-    """A cortical chunk. The chunk below streams its activity into PushActivity; the
-    chunk above streams observed feedback into PushFeedback. A stream may stay open
-    for many windows: a receiver that stops reading stalls the sender through HTTP/2
-    flow control, which bounds the work in flight. Each call returns one Ack when
-    the sender closes its side.
+    """A cortical chunk. The chunk below streams its activity into it; the chunk
+    above streams observed feedback into it. Two forms of each:
+    - PushActivity / PushFeedback: one Ack when the sender closes its side. A
+    stream may stay open for many windows: a receiver that stops reading stalls
+    the sender through HTTP/2 flow control, which bounds the work in flight.
+    - StreamActivity / StreamFeedback: a long-lived stream with one Ack per whole
+    message, sent once that message is in the chunk's mailbox (`accepted`
+    counts the stream's messages so far), so a sender can bound the messages in
+    flight exactly and learns each one's fate. A message the receiver refuses
+    ends the stream with the status a Push call would get; the messages acked
+    before it stay accepted.
     """
 
     def PushActivity(self, request_iterator, context):
@@ -86,6 +108,18 @@ class CortexServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PushFeedback(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamActivity(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamFeedback(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -128,6 +162,16 @@ def add_CortexServicer_to_server(servicer, server):
                     request_deserializer=protos_dot_ccdni__pb2.FeedbackFrame.FromString,
                     response_serializer=protos_dot_ccdni__pb2.Ack.SerializeToString,
             ),
+            'StreamActivity': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamActivity,
+                    request_deserializer=protos_dot_ccdni__pb2.ActivityFrame.FromString,
+                    response_serializer=protos_dot_ccdni__pb2.Ack.SerializeToString,
+            ),
+            'StreamFeedback': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamFeedback,
+                    request_deserializer=protos_dot_ccdni__pb2.FeedbackFrame.FromString,
+                    response_serializer=protos_dot_ccdni__pb2.Ack.SerializeToString,
+            ),
             'Configure': grpc.unary_unary_rpc_method_handler(
                     servicer.Configure,
                     request_deserializer=protos_dot_ccdni__pb2.ConfigureRequest.FromString,
@@ -157,11 +201,17 @@ def add_CortexServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Cortex:
-    """A cortical chunk. The chunk below streams its activity into PushActivity; the
-    chunk above streams observed feedback into PushFeedback. A stream may stay open
-    for many windows: a receiver that stops reading stalls the sender through HTTP/2
-    flow control, which bounds the work in flight. Each call returns one Ack when
-    the sender closes its side.
+    """A cortical chunk. The chunk below streams its activity into it; the chunk
+    above streams observed feedback into it. Two forms of each:
+    - PushActivity / PushFeedback: one Ack when the sender closes its side. A
+    stream may stay open for many windows: a receiver that stops reading stalls
+    the sender through HTTP/2 flow control, which bounds the work in flight.
+    - StreamActivity / StreamFeedback: a long-lived stream with one Ack per whole
+    message, sent once that message is in the chunk's mailbox (`accepted`
+    counts the stream's messages so far), so a sender can bound the messages in
+    flight exactly and learns each one's fate. A message the receiver refuses
+    ends the stream with the status a Push call would get; the messages acked
+    before it stay accepted.
     """
 
     @staticmethod
@@ -206,6 +256,60 @@ class Cortex:
             request_iterator,
             target,
             '/ccdni.v1.Cortex/PushFeedback',
+            protos_dot_ccdni__pb2.FeedbackFrame.SerializeToString,
+            protos_dot_ccdni__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamActivity(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/ccdni.v1.Cortex/StreamActivity',
+            protos_dot_ccdni__pb2.ActivityFrame.SerializeToString,
+            protos_dot_ccdni__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamFeedback(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/ccdni.v1.Cortex/StreamFeedback',
             protos_dot_ccdni__pb2.FeedbackFrame.SerializeToString,
             protos_dot_ccdni__pb2.Ack.FromString,
             options,

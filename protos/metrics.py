@@ -270,8 +270,11 @@ class _ServerInterceptor(grpc.ServerInterceptor):
             return timed
 
         def wrap_stream(behaviour):
-            # One reply per request, in order (PredictStream): each reply is
-            # timed from its request's arrival, not from the stream's start.
+            # The handlers of long-lived streams read a request, or the frames of
+            # one message, and reply before they read on (PredictStream: one
+            # reply per request; StreamActivity: one ack per message): each
+            # reply is timed from the arrival of the first frame it answers,
+            # not from the stream's start.
             def timed(request_iterator, context):
                 arrivals: deque[float] = deque()
 
@@ -282,7 +285,8 @@ class _ServerInterceptor(grpc.ServerInterceptor):
 
                 for reply in behaviour(requests(), context):
                     if arrivals:
-                        record(method, time.perf_counter() - arrivals.popleft())
+                        record(method, time.perf_counter() - arrivals[0])
+                        arrivals.clear()
                     yield reply
 
             return timed

@@ -12,13 +12,14 @@ CPU (user + system, from getrusage) is read around every measured stretch::
 Patterns:
 
 - ``client-stream``: one short client stream per message, the caller waiting
-  for the previous one's acknowledgement (how a chunk sends activity and
-  feedback, ``GrpcNeighbour``);
+  for the previous one's acknowledgement (how ``GrpcNeighbour`` sent a chunk's
+  activity and feedback before it kept a stream open);
 - ``unary``: one unary call per message, a small reply (a Learn frame as a call);
 - ``unary-echo``: one unary call whose reply is as large as the request (how a
   chunk asks for predictions, Predict);
 - ``stream``: one long-lived bidirectional stream, a small acknowledgement per
-  message, the caller waiting for it before the next;
+  message, the caller waiting for it before the next (how a chunk sends
+  activity and feedback, ``GrpcNeighbour`` on ``StreamActivity``);
 - ``stream-echo``: the same stream, each reply as large as the request.
 
 docs/BENCHMARKS.md quotes its numbers for the transport floor of a window.

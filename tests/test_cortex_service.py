@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import queue
 import subprocess
 import sys
 
@@ -201,6 +202,136 @@ def test_feedback_is_checked_like_activity(chunk_server):
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert field in error.value.details()
     assert len(servicer.feedback_in) == 1
+
+
+def test_a_stream_acks_each_message_once_it_is_in_the_mailbox(chunk_server):
+    servicer, _, stub = chunk_server
+    outbox: queue.SimpleQueue = queue.SimpleQueue()
+    acks = stub.StreamActivity(iter(outbox.get, None), timeout=10)
+    for window in range(3):
+        outbox.put(good(window=window))
+        assert next(acks).accepted == window + 1
+        # Acked means deposited: the chunk can take it at once.
+        assert len(servicer.activity_in) == window + 1
+    outbox.put(None)
+    assert list(acks) == []
+    assert acks.code() == grpc.StatusCode.OK
+    assert servicer.counters.get("activity.accepted") == 3
+
+
+def test_a_refused_message_ends_the_stream_and_keeps_what_was_acked(chunk_server):
+    servicer, _, stub = chunk_server
+    nan = torch.randn(2, 3, INPUT)
+    nan[1, 1, 1] = float("nan")
+    frames = [good(window=0), activity_frame(nan, window=1), good(window=2)]
+    accepted = []
+    with pytest.raises(grpc.RpcError) as error:
+        for ack in stub.StreamActivity(iter(frames), timeout=10):
+            accepted.append(ack.accepted)
+    assert accepted == [1]
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "activity.outputs" in error.value.details()
+    assert len(servicer.activity_in) == 1
+    assert servicer.counters.get("rejected.not_finite") == 1
+    # The server goes on: a new stream is served.
+    again = stub.StreamActivity(iter([good(window=1)]), timeout=10)
+    assert [ack.accepted for ack in again] == [1]
+
+
+def test_a_feedback_stream_is_checked_like_push_feedback(chunk_server):
+    servicer, _, stub = chunk_server
+    frames = [
+        feedback_frame(torch.randn(2, 3, HIDDEN)),
+        feedback_frame(torch.randn(2, 3, HIDDEN), window=1, chunk=0),
+    ]
+    accepted = []
+    with pytest.raises(grpc.RpcError) as error:
+        for ack in stub.StreamFeedback(iter(frames), timeout=10):
+            accepted.append(ack.accepted)
+    assert accepted == [1]
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "key.chunk" in error.value.details()
+    assert len(servicer.feedback_in) == 1
+
+
+def neighbour_of(server, **options) -> GrpcNeighbour:
+    return GrpcNeighbour(
+        server.address, ClientSecurity(token=TOKEN), max_message_bytes=LIMIT, **options
+    )
+
+
+def test_the_neighbour_keeps_one_stream_and_one_message_in_flight(chunk_server):
+    servicer, server, _ = chunk_server  # a mailbox of 4; nobody takes from it
+    timed = []
+    neighbour = neighbour_of(
+        server, deadline_s=1.0, timer=lambda method, s: timed.append(method)
+    )
+    for window in range(5):  # the fifth waits in the server for room
+        neighbour.send_activity(ActivityKey(0, window, 0), torch.randn(2, 3, INPUT))
+    assert neighbour.streams_opened == 1
+    assert timed == ["StreamActivity"] * 4
+    # A sixth waits for the fifth's ack, which cannot come in time (the
+    # server's own wait for room is 2 s).
+    with pytest.raises(grpc.RpcError) as error:
+        neighbour.send_activity(ActivityKey(0, 5, 0), torch.randn(2, 3, INPUT))
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "not acked within 1.0 s" in error.value.details()
+    assert len(servicer.activity_in) == 4
+    for window in range(4):
+        servicer.activity_in.take((0, window, 0), timeout=5)
+    # The next send opens a new stream.
+    neighbour.send_activity(ActivityKey(0, 6, 0), torch.randn(2, 3, INPUT))
+    neighbour.flush()
+    assert neighbour.streams_opened == 2
+    assert servicer.activity_in.take((0, 6, 0), timeout=5).shape == (2, 3, INPUT)
+    neighbour.close()
+
+
+def test_the_neighbour_raises_a_refusal_and_goes_on_on_a_new_stream(chunk_server):
+    servicer, server, _ = chunk_server
+    neighbour = neighbour_of(server)
+    neighbour.send_activity(ActivityKey(0, 2, 0), torch.randn(2, 3, INPUT))
+    neighbour.send_activity(ActivityKey(0, 1, 0), torch.randn(2, 3, INPUT))
+    with pytest.raises(grpc.RpcError) as error:
+        neighbour.flush()
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "out of order" in error.value.details()
+    neighbour.send_feedback(ActivityKey(0, 0, 1), torch.randn(2, 3, HIDDEN))
+    neighbour.send_activity(ActivityKey(0, 3, 0), torch.randn(2, 3, INPUT))
+    neighbour.close()
+    assert neighbour.streams_opened == 3  # activity twice, feedback once
+    assert servicer.activity_in.take((0, 2, 0), timeout=5) is not None
+    assert servicer.activity_in.take((0, 3, 0), timeout=5) is not None
+    assert servicer.feedback_in.take((0, 0, 0), timeout=5).shape == (2, 3, HIDDEN)
+
+
+def test_server_metrics_time_each_message_of_a_stream_not_each_frame():
+    from protos.metrics import ActorMetrics
+
+    metrics = ActorMetrics("run", "chunk", 1)
+    activity_in = Mailbox(8, "activity_in")
+    servicer = CortexServicer(1, INPUT, HIDDEN, activity_in, Mailbox(8, "feedback"))
+    server = start_server(
+        lambda s: add_to_server(servicer, s),
+        security=ServerSecurity(token=TOKEN),
+        service_names=["ccdni.v1.Cortex"],
+        max_message_bytes=LIMIT,
+        interceptors=[metrics.server_interceptor()],
+    )
+    try:
+        neighbour = neighbour_of(server)
+        outputs = torch.randn(256, 200, INPUT)  # 1.2 MiB: two frames each
+        for window in range(3):
+            neighbour.send_activity(ActivityKey(0, window, 0), outputs)
+        neighbour.close()
+        count = metrics.registry.get_sample_value(
+            "ccdni_grpc_server_seconds_count",
+            {"run": "run", "role": "chunk", "chunk": "1", "method": "StreamActivity"},
+        )
+        assert count == 3
+        assert torch.equal(activity_in.take((0, 2, 0), timeout=5), outputs)
+    finally:
+        server.stop(0)
 
 
 @pytest.mark.parametrize("token", [None, "wrong-token-abcdefghijkl"])

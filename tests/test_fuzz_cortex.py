@@ -1,7 +1,8 @@
 """Fuzzing every method of the cortex service on one server.
 
-Malformed or random messages go to PushActivity, PushFeedback, Configure, Stats,
-Checkpoint and Restore (several hundred in all). None may crash the server or
+Malformed or random messages go to PushActivity, PushFeedback, StreamActivity,
+StreamFeedback, Configure, Stats, Checkpoint and Restore (several hundred in
+all). None may crash the server or
 escape as UNKNOWN; every malformed one gets a specific non-OK status and leaves
 the mailboxes as they were; at the end a correct activity still goes through and
 comes out of the mailbox bit-identical.
@@ -134,6 +135,33 @@ def test_push_feedback_malformed_tensor(fuzzed, bad):
     code, error = outcome(stub.PushFeedback, iter([feedback_frame(tensor)]))
     assert code == Code.INVALID_ARGUMENT, (flaw, code)
     assert "feedback" in error.details()
+    assert depths(servicer) == before
+
+
+@fuzz_settings(60)
+@given(
+    bad=st.one_of(
+        malformed_tensors([ROWS, STEPS, INPUT], flaws=FLAWS).map(
+            lambda b: ("activity", *b)
+        ),
+        malformed_tensors([ROWS, STEPS, HIDDEN], flaws=FLAWS).map(
+            lambda b: ("feedback", *b)
+        ),
+    )
+)
+def test_long_lived_streams_malformed_tensor(fuzzed, bad):
+    servicer, stub = fuzzed
+    stream, flaw, tensor = bad
+    before = depths(servicer)
+    if stream == "feedback":
+        method, frame = stub.StreamFeedback, feedback_frame(tensor)
+    else:
+        method, frame = stub.StreamActivity, activity_frame(tensor)
+    code, error = outcome(
+        lambda r, timeout: list(method(r, timeout=timeout)), iter([frame])
+    )
+    assert code == Code.INVALID_ARGUMENT, (flaw, code)
+    assert stream in error.details()
     assert depths(servicer) == before
 
 
