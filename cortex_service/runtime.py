@@ -49,6 +49,14 @@ SCHEDULES: tuple[str, ...] = ("locked", "pipelined", "decoupled")
 MailKey = tuple[int, int, int]  # (batch, window, micro_batch)
 
 
+class Abandoned(RuntimeError):
+    """The sender of a message waiting for mailbox room has given up on it."""
+
+
+ABANDON_CHECK_S = 0.25
+"""How often a deposit waiting for room asks whether its sender gave up."""
+
+
 class Aborted(RuntimeError):
     """The run was stopped (by the driver, or because a peer failed)."""
 
@@ -90,21 +98,40 @@ class Mailbox:
         with self._condition:
             return len(self._items)
 
-    def put(self, key: MailKey, value: object, timeout: float | None = None) -> None:
-        """Deposit ``value`` under ``key``; wait while the mailbox is full."""
+    def put(
+        self,
+        key: MailKey,
+        value: object,
+        timeout: float | None = None,
+        abandoned: Callable[[], bool] | None = None,
+    ) -> None:
+        """Deposit ``value`` under ``key``; wait while the mailbox is full.
+
+        ``abandoned``, asked every ``ABANDON_CHECK_S`` of waiting, says the
+        sender has given up on the message (its call was cancelled): then
+        ``Abandoned`` is raised and nothing is deposited.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._condition:
             if key in self._items:
                 raise KeyError(f"{self.name}: a message for {key} is already waiting")
-            if len(self._items) >= self.capacity:
+            stalled = len(self._items) >= self.capacity
+            if stalled:
                 self.stalls += 1
             while len(self._items) >= self.capacity and not self._aborted:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"{self.name} full for {timeout} s")
+                if abandoned is not None:
+                    if abandoned():
+                        raise Abandoned(f"{self.name}: the sender gave up on {key}")
+                    remaining = min(remaining or ABANDON_CHECK_S, ABANDON_CHECK_S)
                 self._condition.wait(remaining)
             if self._aborted:
                 raise Aborted(f"{self.name} aborted")
+            if stalled and abandoned is not None and abandoned():
+                # Room came after the sender gave up (and before we looked).
+                raise Abandoned(f"{self.name}: the sender gave up on {key}")
             self._items[key] = value
             self._condition.notify_all()
 

@@ -1,10 +1,12 @@
 """The cortex service: one chunk's inbound wires, and the client for its neighbours.
 
-A chunk receives activity from the chunk below (``PushActivity``) and observed
-feedback from the chunk above (``PushFeedback``). Each whole message is checked
-(key, shape, width, dtype, finite values) before it touches any state, then
-deposited in the chunk's bounded :class:`~cortex_service.runtime.Mailbox`; a full
-mailbox holds the call open, which stalls the sender: that is the bound on work
+A chunk receives activity from the chunk below and observed feedback from the
+chunk above, each on a long-lived stream that acks every message
+(``StreamActivity``, ``StreamFeedback``; ``PushActivity`` and ``PushFeedback``
+take a batch of messages and ack them once). Each whole message is checked (key,
+shape, width, dtype, finite values) before it touches any state, then deposited
+in the chunk's bounded :class:`~cortex_service.runtime.Mailbox`; a full mailbox
+holds the message's ack back, which stalls the sender: that is the bound on work
 in flight between two chunks. Which messages the chunk then waits for is the
 schedule's business (``cortex_service.runtime``).
 """
@@ -23,7 +25,7 @@ import msgpack
 import torch
 
 from cerebellum_service.learning import ActivityKey
-from cortex_service.runtime import Aborted, Mailbox, MailKey, mail_key
+from cortex_service.runtime import Abandoned, Aborted, Mailbox, MailKey, mail_key
 from protos import ccdni_pb2 as pb
 from protos import ccdni_pb2_grpc as pb_grpc
 from protos import codec
@@ -60,6 +62,7 @@ REJECTION_REASONS = (
     "corrupt",
     "no_state",
     "unparsable",
+    "abandoned",
 )
 
 CheckpointFn = Callable[[str], tuple[str, int, int]]
@@ -271,7 +274,7 @@ class CortexServicer(pb_grpc.CortexServicer):
         try:
             for frame, tensors in codec.decode_frames(request_iterator, stream):
                 key, tensor = check(frame, tensors)
-                self._deposit(mailbox, order, key, tensor)
+                self._deposit(mailbox, order, key, tensor, context)
                 self.counters.add(f"{stream}.accepted")
                 self.counters.add("bytes.received", tensor.numel() * 4)
                 now = time.thread_time()
@@ -357,11 +360,18 @@ class CortexServicer(pb_grpc.CortexServicer):
         )
         return key_from_proto(feedback.key), grad
 
-    def _deposit(self, mailbox: Mailbox, order: _Order, key, tensor) -> None:
+    def _deposit(self, mailbox: Mailbox, order: _Order, key, tensor, context) -> None:
         mkey = mail_key(key)
         order.check(mkey, mailbox.name)
         try:
-            mailbox.put(mkey, tensor, timeout=self.put_timeout)
+            # A sender that gave up (its deadline, or it went away) must not
+            # find the message delivered after all.
+            mailbox.put(
+                mkey,
+                tensor,
+                timeout=self.put_timeout,
+                abandoned=lambda: not context.is_active(),
+            )
         except TimeoutError:
             raise RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -374,6 +384,10 @@ class CortexServicer(pb_grpc.CortexServicer):
                 grpc.StatusCode.UNAVAILABLE,
                 f"{mailbox.name}: the run was stopped",
                 "aborted",
+            ) from None
+        except Abandoned as error:
+            raise RequestError(
+                grpc.StatusCode.CANCELLED, str(error), "abandoned"
             ) from None
         except KeyError as error:
             raise RequestError(
@@ -601,18 +615,32 @@ class _AckedStream:
             for ack in self._call:
                 with self._acked:
                     now = time.perf_counter()
+                    timed = []
                     while self.accepted < ack.accepted and self._sent_at:
-                        sent_at = self._sent_at.popleft()
+                        timed.append(now - self._sent_at.popleft())
                         self.accepted += 1
-                        if self._timer is not None:
-                            self._timer(now - sent_at)
                     self._acked.notify_all()
+                if self._timer is not None:
+                    for seconds in timed:
+                        self._timer(seconds)
         except grpc.RpcError as failure:
             error = failure
+        except Exception as failure:  # noqa: BLE001 (a sender must not wait on)
+            logger.exception("a stream's ack reader failed")
+            error = StreamFailed(
+                grpc.StatusCode.UNKNOWN, f"the stream's ack reader failed: {failure}"
+            )
+        finally:
+            with self._acked:
+                self.ended = True
+                self.error = error
+                self._acked.notify_all()
+
+    @property
+    def settled(self) -> bool:
+        """Every message sent has been acked."""
         with self._acked:
-            self.ended = True
-            self.error = error
-            self._acked.notify_all()
+            return self.accepted == self.sent
 
     def close(self) -> None:
         """End the stream from this side; what is acked stays accepted."""
@@ -624,6 +652,11 @@ class _AckedStream:
     def cancel(self) -> None:
         self._outbox.put(None)
         self._call.cancel()
+
+    def join(self, timeout: float) -> bool:
+        """Wait for the reader to end; whether it has."""
+        self._reader.join(timeout)
+        return not self._reader.is_alive()
 
 
 class GrpcNeighbour:
@@ -639,8 +672,11 @@ class GrpcNeighbour:
 
     A send that fails (the neighbour refused the message, went away, or did not
     ack it within ``deadline_s``) raises ``grpc.RpcError`` at the next send or
-    :meth:`flush`; the message is lost and the stream dropped, and the send
-    after opens a new one.
+    :meth:`flush`; the message is lost (a receiver waiting for mailbox room
+    drops it once the call is cancelled) and the stream dropped, and the send
+    after opens a new one. A stream that ended with every message acked (the
+    neighbour restarted between two sends) is replaced without an error:
+    nothing was lost. After :meth:`abort` every send raises ``CANCELLED``.
 
     Args:
         address: ``host:port`` of the neighbour's cortex service.
@@ -671,6 +707,7 @@ class GrpcNeighbour:
             self.channel = grpc.intercept_channel(self.channel, *interceptors)
         self.stub = pb_grpc.CortexStub(self.channel)
         self._streams: dict[str, _AckedStream] = {}
+        self._aborted = False
         self.streams_opened = 0
         self.bytes_sent = 0
 
@@ -697,7 +734,14 @@ class GrpcNeighbour:
         stream = self._streams.get(method)
         if stream is not None:
             self._settle(method, stream, stream.sent)
-        stream = self._streams.get(method) or self._open(method)
+            if stream.ended:  # after its last ack: nothing lost, a new one
+                self._drop(method, stream)
+                stream = None
+        if self._aborted:
+            raise StreamFailed(
+                grpc.StatusCode.CANCELLED, f"the neighbour at {self.address} was closed"
+            )
+        stream = stream or self._open(method)
         stream.send(frames)
         self.bytes_sent += tensor.numel() * tensor.element_size()
 
@@ -719,9 +763,14 @@ class GrpcNeighbour:
         try:
             stream.wait(count, self.deadline_s)
         except grpc.RpcError:
-            del self._streams[method]
-            stream.cancel()
+            self._drop(method, stream)
             raise
+
+    def _drop(self, method: str, stream: _AckedStream) -> None:
+        # abort() may have emptied the streams from another thread meanwhile.
+        if self._streams.get(method) is stream:
+            del self._streams[method]
+        stream.cancel()
 
     def flush(self) -> None:
         """Wait until every message sent has been acked; raise the first error."""
@@ -733,7 +782,10 @@ class GrpcNeighbour:
         return dict(reply.counters)
 
     def abort(self) -> None:
-        """Drop the streams without waiting for acks, and close the channel."""
+        """Drop the streams without waiting for acks, and close the channel.
+
+        Safe from another thread while a send waits: that send raises."""
+        self._aborted = True
         streams, self._streams = list(self._streams.values()), {}
         for stream in streams:
             stream.cancel()

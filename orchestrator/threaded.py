@@ -165,12 +165,18 @@ def run_threaded(
         thread.start()
     for thread in threads:
         thread.join()
-    for runtime in runtimes:
-        for peer in (runtime.above, runtime.below):
-            if isinstance(peer, GrpcNeighbour):
-                peer.close()
-    for server in servers:
-        server.stop(grace=1.0)
+    try:
+        for runtime in runtimes:
+            for peer in (runtime.above, runtime.below):
+                if not isinstance(peer, GrpcNeighbour):
+                    continue
+                if errors:  # what is still in flight no longer matters
+                    peer.abort()
+                else:
+                    peer.close()
+    finally:
+        for server in servers:
+            server.stop(grace=1.0)
     if errors:
         raise errors[0]
     return ThreadedRun(runtimes, cerebellum, results)
