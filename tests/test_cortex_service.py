@@ -311,6 +311,8 @@ def test_an_abort_from_another_thread_fails_the_waiting_send_cleanly(chunk_serve
     neighbour = neighbour_of(server, deadline_s=60.0)
     for window in range(5):  # the fifth waits in the server for room
         neighbour.send_activity(ActivityKey(0, window, 0), torch.randn(2, 3, INPUT))
+    # It has reached the server's full mailbox before the abort.
+    wait_until(lambda: servicer.activity_in.stalls == 1, 30, "the fifth waiting")
     stream = neighbour._streams["StreamActivity"]
     outcome = []
 
@@ -330,7 +332,7 @@ def test_an_abort_from_another_thread_fails_the_waiting_send_cleanly(chunk_serve
     assert stream.join(timeout=10)  # its ack reader has ended
     # The server drops the fifth, whose sender gave up, instead of delivering it
     # once there is room.
-    wait_until(lambda: servicer.counters.get("rejected.abandoned") == 1, 30)
+    wait_until(lambda: servicer.counters.get("rejected.abandoned") == 1, 30, "the drop")
     for window in range(4):
         servicer.activity_in.take((0, window, 0), timeout=5)
     assert len(servicer.activity_in) == 0
