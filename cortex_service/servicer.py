@@ -636,12 +636,6 @@ class _AckedStream:
                 self.error = error
                 self._acked.notify_all()
 
-    @property
-    def settled(self) -> bool:
-        """Every message sent has been acked."""
-        with self._acked:
-            return self.accepted == self.sent
-
     def close(self) -> None:
         """End the stream from this side; what is acked stays accepted."""
         self._outbox.put(None)
