@@ -35,7 +35,7 @@ from cortex_service.servicer import (
     add_to_server,
 )
 from protos import checkpoint as ckpt
-from protos.metrics import metrics_for
+from protos.metrics import metrics_for, stream_timer
 from protos.process import batch_scheduling, keep_freed_memory, thread_names
 from protos.service import ClientSecurity, ServerSecurity, start_server
 
@@ -282,8 +282,7 @@ class ChunkActor:
         if self.runtime is not None and hasattr(self.runtime.cerebellum, "close"):
             self.runtime.cerebellum.close()
         interceptors = self._client_interceptors()
-        # Messages on the long-lived streams are timed as calls are.
-        timer = next((i.record for i in interceptors if hasattr(i, "record")), None)
+        timer = stream_timer(interceptors)  # messages timed as calls are
 
         def neighbour(address: str | None) -> GrpcNeighbour | None:
             if not address:

@@ -199,77 +199,46 @@ class CortexServicer(pb_grpc.CortexServicer):
     # Streams ---------------------------------------------------------------------
 
     def PushActivity(self, request_iterator, context):  # noqa: N802 (gRPC name)
-        return self._push(
-            request_iterator,
-            context,
-            "activity",
-            self._check_activity,
-            self.activity_in,
-            self._activity_order,
-        )
+        return self._push(request_iterator, context, "activity")
 
     def PushFeedback(self, request_iterator, context):  # noqa: N802
-        return self._push(
-            request_iterator,
-            context,
-            "feedback",
-            self._check_feedback,
-            self.feedback_in,
-            self._feedback_order,
-        )
+        return self._push(request_iterator, context, "feedback")
 
     def StreamActivity(self, request_iterator, context):  # noqa: N802
-        return self._acked(
-            request_iterator,
-            context,
-            "activity",
-            self._check_activity,
-            self.activity_in,
-            self._activity_order,
-        )
+        return self._acked(request_iterator, context, "activity")
 
     def StreamFeedback(self, request_iterator, context):  # noqa: N802
-        return self._acked(
-            request_iterator,
-            context,
-            "feedback",
-            self._check_feedback,
-            self.feedback_in,
-            self._feedback_order,
-        )
+        return self._acked(request_iterator, context, "feedback")
 
-    def _push(self, request_iterator, context, stream, check, mailbox, order):
+    def _push(self, request_iterator, context, stream: str):
         """Deposit every whole message of a client stream; one Ack at its end.
 
         The CPU this handler's thread spends on it (decoding, checking,
         depositing; not gRPC's own transport threads) adds up in the
         ``receive.cpu_seconds`` counter: what receiving costs this process.
         """
-        accepted = 0
-        received = self._receive(
-            request_iterator, context, stream, check, mailbox, order
-        )
-        for _ in received:
-            accepted += 1
-        return pb.Ack(accepted=accepted)
+        received = self._receive(request_iterator, context, stream)
+        return pb.Ack(accepted=sum(1 for _ in received))
 
-    def _acked(self, request_iterator, context, stream, check, mailbox, order):
+    def _acked(self, request_iterator, context, stream: str):
         """Deposit every whole message of a long-lived stream, acking each."""
-        accepted = 0
-        received = self._receive(
-            request_iterator, context, stream, check, mailbox, order
-        )
-        for _ in received:
-            accepted += 1
+        for accepted, _ in enumerate(
+            self._receive(request_iterator, context, stream), start=1
+        ):
             yield pb.Ack(accepted=accepted)
 
-    def _receive(self, request_iterator, context, stream, check, mailbox, order):
-        """Check each whole message, deposit it in ``mailbox``, yield after each.
+    def _receive(self, request_iterator, context, stream: str):
+        """Check each whole message of ``stream`` (``activity`` or ``feedback``),
+        deposit it in that stream's mailbox, yield its key after each.
 
         A refused message aborts the call with its status. The handler's own CPU
         is counted message by message, so a long-lived stream's shows in Stats
         while it is open.
         """
+        check, mailbox, order = {
+            "activity": (self._check_activity, self.activity_in, self._activity_order),
+            "feedback": (self._check_feedback, self.feedback_in, self._feedback_order),
+        }[stream]
         began = time.thread_time()
         try:
             for frame, tensors in codec.decode_frames(request_iterator, stream):

@@ -186,6 +186,7 @@ def make_remote_cerebellum(
     import grpc
 
     from cerebellum_service.client import RemoteCerebellum
+    from protos.metrics import stream_timer
     from protos.service import ClientSecurity, open_channel
 
     channel = open_channel(address, ClientSecurity(token=token))
@@ -193,7 +194,7 @@ def make_remote_cerebellum(
         channel = grpc.intercept_channel(channel, *interceptors)
     # Predictions on the stream are timed per request, as the interceptor times
     # a unary call (ccdni_grpc_client_seconds{method="PredictStream"}).
-    timer = next((i.record for i in interceptors if hasattr(i, "record")), None)
+    timer = stream_timer(interceptors)
     return RemoteCerebellum(
         address, channel=channel, update_on_call=update_on_call, timer=timer
     )

@@ -246,6 +246,13 @@ class _ClientInterceptor(
         return self._timed(continuation, client_call_details, request_iterator)
 
 
+def stream_timer(interceptors) -> Callable[[str, float], None] | None:
+    """How to time one message of a long-lived stream as the client interceptor
+    among ``interceptors`` times a call (``ccdni_grpc_client_seconds``), or None
+    when metrics are off."""
+    return next((i.record for i in interceptors if hasattr(i, "record")), None)
+
+
 class _ServerInterceptor(grpc.ServerInterceptor):
     """Times every call inside the server, per method."""
 

@@ -220,15 +220,22 @@ def test_a_stream_acks_each_message_once_it_is_in_the_mailbox(chunk_server):
     assert servicer.counters.get("activity.accepted") == 3
 
 
+def acks_until_refused(method, frames):
+    """The ``accepted`` count of each ack a stream gave before it was refused,
+    and the refusal (``pytest.raises``' info)."""
+    accepted = []
+    with pytest.raises(grpc.RpcError) as error:
+        for ack in method(iter(frames), timeout=10):
+            accepted.append(ack.accepted)
+    return accepted, error
+
+
 def test_a_refused_message_ends_the_stream_and_keeps_what_was_acked(chunk_server):
     servicer, _, stub = chunk_server
     nan = torch.randn(2, 3, INPUT)
     nan[1, 1, 1] = float("nan")
     frames = [good(window=0), activity_frame(nan, window=1), good(window=2)]
-    accepted = []
-    with pytest.raises(grpc.RpcError) as error:
-        for ack in stub.StreamActivity(iter(frames), timeout=10):
-            accepted.append(ack.accepted)
+    accepted, error = acks_until_refused(stub.StreamActivity, frames)
     assert accepted == [1]
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "activity.outputs" in error.value.details()
@@ -245,10 +252,7 @@ def test_a_feedback_stream_is_checked_like_push_feedback(chunk_server):
         feedback_frame(torch.randn(2, 3, HIDDEN)),
         feedback_frame(torch.randn(2, 3, HIDDEN), window=1, chunk=0),
     ]
-    accepted = []
-    with pytest.raises(grpc.RpcError) as error:
-        for ack in stub.StreamFeedback(iter(frames), timeout=10):
-            accepted.append(ack.accepted)
+    accepted, error = acks_until_refused(stub.StreamFeedback, frames)
     assert accepted == [1]
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "key.chunk" in error.value.details()
