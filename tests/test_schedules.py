@@ -132,7 +132,10 @@ def test_decoupled_learns_and_its_cerebellum_predicts_observed_feedback(
         # threads happen to batch its updates.
         **OUTPUT_CONTEXT,
     )
-    run = run_threaded(config, task, "decoupled", 100, cerebellum_dtype=asked)
+    # 150 steps, not 100: with other work on the cores the two chunk threads
+    # batch the cerebellum's updates differently, and after 100 steps a run
+    # now and then had not yet left its early plateau (CI, 1 run in 4).
+    run = run_threaded(config, task, "decoupled", 150, cerebellum_dtype=asked)
     assert run.cerebellum.compute_dtype == precision
     assert RecordingCerebellum.seen == {
         ("activity", precision),
@@ -140,9 +143,9 @@ def test_decoupled_learns_and_its_cerebellum_predicts_observed_feedback(
         ("feedback", precision),
     }
     losses = run.losses
-    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
+    assert sum(losses[-20:]) / 20 < 0.8 * sum(losses[:10]) / 10
     stats = run.cerebellum.stats["output_0"]
-    assert stats.updates >= 90
+    assert stats.updates >= 135
     # Predicted and observed feedback of chunk 0's output point the same way.
     late = list(stats.cosine_history)[-40:]
     assert sum(late) / len(late) > 0.15
