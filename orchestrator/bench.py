@@ -1425,31 +1425,75 @@ def summarise_sweep(
 
 
 def machine_record() -> dict[str, Any]:
-    """What the numbers were measured on."""
+    """What the numbers were measured on.
+
+    A virtual machine's model name is often generic ("Intel(R) Xeon(R)
+    Processor"), so the record also keeps the processor's family, model and
+    stepping and its cache sizes: two hosts that report the same name can
+    compute at different speeds, and the ratios between schedules move with it.
+    """
     import ray
     import torch
 
-    model = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     gpus = [
         torch.cuda.get_device_name(i)
         for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)
     ]
+    cpu = _cpu_identity()
     return {
         "cpus": os.cpu_count(),
-        "cpu_model": model,
+        "cpu_model": cpu.get("model name"),
+        "cpu_id": _cpu_id(cpu),
+        "caches": _cpu_caches(),
         "gpus": gpus,
         "platform": platform.platform(),
+        "kernel": platform.release(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "ray": ray.__version__,
     }
+
+
+def _cpu_identity(path: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo ({} where there is none)."""
+    fields: dict[str, str] = {}
+    try:
+        text = path.read_text()
+    except OSError:
+        return fields
+    for line in text.splitlines():
+        if not line.strip():
+            break  # the first processor's block ends here
+        name, _, value = line.partition(":")
+        fields[name.strip()] = value.strip()
+    return fields
+
+
+def _cpu_id(cpu: dict[str, str]) -> str | None:
+    """``family F model M stepping S``, or None where /proc/cpuinfo has none."""
+    parts = [
+        f"{name.removeprefix('cpu ')} {cpu[name]}"
+        for name in ("cpu family", "model", "stepping")
+        if name in cpu
+    ]
+    return " ".join(parts) or None
+
+
+def _cpu_caches(
+    root: Path = Path("/sys/devices/system/cpu/cpu0/cache"),
+) -> dict[str, str] | None:
+    """The first CPU's caches as sysfs names them: ``{"L1d": "48K", ...}``."""
+    caches = {}
+    for index in sorted(root.glob("index*")):
+        try:
+            level = (index / "level").read_text().strip()
+            kind = (index / "type").read_text().strip()
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        suffix = {"Data": "d", "Instruction": "i"}.get(kind, "")
+        caches[f"L{level}{suffix}"] = size
+    return caches or None
 
 
 # Plots -----------------------------------------------------------------------------
@@ -1722,7 +1766,9 @@ def describe_setup(result: dict[str, Any]) -> str:
             f"taken in turns after {config['warmup']} warm-up steps; evaluation "
             f"every {config['eval_every']} steps with the clock stopped"
             + _chase_note(config, result.get("target_source", "auto")),
-            f"- machine: {machine['cpus']} × {machine['cpu_model']}, {gpus}; "
+            f"- machine: {machine['cpus']} × {machine['cpu_model']}"
+            + _cpu_details(machine)
+            + f", {gpus}; "
             f"Python {machine['python']}, torch {machine['torch']}, "
             f"Ray {machine['ray']}",
             f"- devices: {devices}; "
@@ -1738,6 +1784,20 @@ def describe_setup(result: dict[str, Any]) -> str:
             f"{load['after']}",
         ]
     )
+
+
+def _cpu_details(machine: dict[str, Any]) -> str:
+    """`` (family 6 model 167 stepping 1; caches L1d 48K, L2 2048K, …; kernel …)``,
+    or '' for a record without them (pages written before they were kept)."""
+    parts = []
+    if machine.get("cpu_id"):
+        parts.append(machine["cpu_id"])
+    if machine.get("caches"):
+        caches = ", ".join(f"{k} {v}" for k, v in machine["caches"].items())
+        parts.append(f"caches of CPU 0 {caches}")
+    if machine.get("kernel"):
+        parts.append(f"kernel {machine['kernel']}")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _probed(result: dict[str, Any], name: str) -> dict[str, Any] | None:

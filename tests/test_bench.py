@@ -97,6 +97,41 @@ def test_quick_bench_runs_every_schedule_and_writes_a_valid_bench_json(
     assert all(f"| {name} |" in table for name in bench.ALL_SCHEDULES)
 
 
+def test_the_machine_record_tells_hosts_of_one_model_name_apart(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n"
+        "model\t\t: 167\nmodel name\t: Intel(R) Xeon(R) Processor\n"
+        "stepping\t: 1\n\nprocessor\t: 1\nmodel\t\t: 143\n"
+    )
+    cpu = bench._cpu_identity(cpuinfo)
+    assert cpu["model name"] == "Intel(R) Xeon(R) Processor"
+    assert bench._cpu_id(cpu) == "family 6 model 167 stepping 1"  # processor 0's
+    assert bench._cpu_identity(tmp_path / "missing") == {}
+    assert bench._cpu_id({}) is None
+
+    cache = tmp_path / "cache"
+    for index, (level, kind, size) in enumerate(
+        [(1, "Data", "48K"), (1, "Instruction", "64K"), (2, "Unified", "2048K")]
+    ):
+        folder = cache / f"index{index}"
+        folder.mkdir(parents=True)
+        (folder / "level").write_text(f"{level}\n")
+        (folder / "type").write_text(f"{kind}\n")
+        (folder / "size").write_text(f"{size}\n")
+    caches = bench._cpu_caches(cache)
+    assert caches == {"L1d": "48K", "L1i": "64K", "L2": "2048K"}
+    assert bench._cpu_caches(tmp_path / "none") is None
+
+    machine = {"cpu_id": "family 6 model 167 stepping 1", "caches": caches}
+    machine["kernel"] = "6.18.44"
+    assert bench._cpu_details(machine) == (
+        " (family 6 model 167 stepping 1; caches of CPU 0 L1d 48K, L1i 64K, "
+        "L2 2048K; kernel 6.18.44)"
+    )
+    assert bench._cpu_details({"cpus": 2}) == ""  # a record from before
+
+
 def test_torch_gpipe_trains_like_the_locked_schedule():
     """First-step loss equal to locked's; then the same losses as it learns.
 
