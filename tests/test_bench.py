@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -89,6 +90,13 @@ def test_quick_bench_runs_every_schedule_and_writes_a_valid_bench_json(
             assert got["validation_loss"] == pytest.approx(
                 want["validation_loss"], abs=1e-4
             )
+
+    # Locked runs its chunks one after another, so its measured step is at
+    # least their summed compute, and the ceiling against it at least the
+    # compute-only one.
+    (unequal,) = [n for n in bench.findings(result) if "chunks are unequal" in n]
+    compute_only, against_step = (float(x) for x in re.findall(r"(\d+\.\d+)×", unequal))
+    assert against_step >= compute_only > 1
 
     for figure in result["figures"]:
         assert (out / figure).stat().st_size > 0
@@ -379,6 +387,36 @@ def test_sweep_summary_and_plot(tmp_path):
         "machine": {"cpus": 2, "gpus": []},
     }
     assert bench.plot_sweep(result, tmp_path / "sweep.png").stat().st_size > 0
+
+
+def test_render_rewords_the_report_from_bench_json_and_measures_nothing(
+    tmp_path, monkeypatch, capsys
+):
+    from orchestrator.cli import main
+
+    def measure(*args, **kwargs):
+        raise AssertionError("--render must not measure")
+
+    monkeypatch.setattr(bench, "run_bench", measure)
+    published = Path(__file__).parents[1] / "docs" / "figures" / "bench"
+    out = tmp_path / "bench"
+    out.mkdir()
+    (out / "bench.json").write_text((published / "bench.json").read_text())
+    doc = tmp_path / "BENCH.md"
+    doc.write_text(f"intro\n{bench.DOC_BEGIN}\nstale words\n{bench.DOC_END}\nend\n")
+
+    assert main(["bench", "--render", "--out", str(out), "--doc", str(doc)]) == 0
+
+    result = json.loads((out / "bench.json").read_text())
+    assert (out / "bench.md").read_text() == bench.render_markdown(result) + "\n"
+    text = doc.read_text()
+    assert "stale words" not in text and text.startswith("intro\n")
+    assert bench.findings(result)[0] in text
+    assert "| decoupled |" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--render", "--out", str(tmp_path / "nothing")])
+    assert exit_.value.code == 2
+    assert "--render reads" in capsys.readouterr().err
 
 
 def test_splice_doc_rewrites_only_between_the_markers(tmp_path):
@@ -680,6 +718,12 @@ def test_the_free_cerebellum_note_sets_its_pace_beside_the_measured_one():
     note = bench._free_cerebellum_note(result, decoupled, locked)
     assert "17.00 steps/s, 1.70× locked, against 1.00×" in note
     assert "its CPU 4 ms per step against 14 ms" in note
+    assert "the cost of the cerebellum's arithmetic" in note
+    # As fast with the cerebellum at work as without it: no cost is claimed.
+    decoupled["speedup"] = 1.69
+    note = bench._free_cerebellum_note(result, decoupled, locked)
+    assert "against 1.69× with the cerebellum at work" in note
+    assert "costs decoupled no speed that shows" in note
 
 
 def test_a_given_target_keeps_the_turn_order_and_every_contender_chases_it(
