@@ -70,6 +70,10 @@ logger = logging.getLogger(__name__)
 
 ALL_SCHEDULES: tuple[str, ...] = (*SCHEDULES, *TORCH_SCHEDULES)
 COMPUTE_PHASES = ("forward", "backward", "update")
+# The speed-up over locked in steps/s that docs/BENCHMARKS.md sets decoupled as
+# its target in the headline configuration (2× is the limit with two chunks);
+# the findings judge the headline against it.
+TARGET_SPEEDUP = 1.6
 WAIT_PHASES = ("predict", "send", "wait_input", "wait_feedback")
 DOC_BEGIN = "<!-- bench:begin (written by scripts/bench.sh; do not edit) -->"
 DOC_END = "<!-- bench:end -->"
@@ -1787,7 +1791,7 @@ def describe_setup(result: dict[str, Any]) -> str:
 
 
 def _cpu_details(machine: dict[str, Any]) -> str:
-    """`` (family 6 model 167 stepping 1; caches L1d 48K, L2 2048K, …; kernel …)``,
+    """`` (family 6 model 167 stepping 1; caches of CPU 0 L1d 48K, …; kernel …)``,
     or '' for a record without them (pages written before they were kept)."""
     parts = []
     if machine.get("cpu_id"):
@@ -2087,7 +2091,7 @@ def findings(result: dict[str, Any]) -> list[str]:
     best_torch = max(
         (b["speedup"] for b in baselines.values() if b["speedup"]), default=None
     )
-    met = decoupled["speedup"] >= 1.6 and (
+    met = decoupled["speedup"] >= TARGET_SPEEDUP and (
         best_torch is None or decoupled["speedup"] > best_torch
     )
     verdict = (
@@ -2097,7 +2101,8 @@ def findings(result: dict[str, Any]) -> list[str]:
     )
     notes.append(
         f"decoupled reached {_x(decoupled['speedup'])} the steps/s of locked "
-        "(the target is at least 1.6× and above both PyTorch schedules"
+        f"(the target is at least {TARGET_SPEEDUP}× and above both PyTorch "
+        "schedules"
         + (
             ""
             if best_torch is None
@@ -2260,7 +2265,8 @@ def findings(result: dict[str, Any]) -> list[str]:
             f"against locked's {bound['locked_ms']:.0f}, so with every core busy "
             f"on that work it could reach at most {bound['steps_per_second']:.2f} "
             f"steps/s, {_x(bound['speedup'])} locked; it reached "
-            f"{100 * bound['reached']:.0f} % of that. 1.6× here needs a step to "
+            f"{100 * bound['reached']:.0f} % of that. {TARGET_SPEEDUP}× here needs "
+            "a step to "
             f"cost at most {bound['target_ms']:.0f} ms of CPU in all, which "
             + (
                 f"would leave the cerebellum "
@@ -2270,7 +2276,7 @@ def findings(result: dict[str, Any]) -> list[str]:
                 else "it does"
                 + (
                     "."
-                    if decoupled["speedup"] >= 1.6
+                    if decoupled["speedup"] >= TARGET_SPEEDUP
                     else ": what is missing is the share of the bound reached "
                     "(time in which a core waits or does other work)."
                 )
@@ -2397,7 +2403,7 @@ def cpu_bound(result: dict[str, Any]) -> dict[str, float] | None:
     cores = result["machine"]["cpus"]
     total = sum(dec.values())
     steps = cores / total
-    target = cores / (1.6 * locked["steps_per_second"])
+    target = cores / (TARGET_SPEEDUP * locked["steps_per_second"])
     cerebellum = dec.get("cerebellum", 0.0)
     return {
         "cores": cores,
